@@ -1,0 +1,2 @@
+//! Spawn benchmark.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Hybrid (v1 controllers + controller-less v2) driver.

@@ -1,0 +1,1 @@
+//! Pure cgroup v2 driver.

@@ -1,0 +1,7 @@
+//! joblet's runtime: spawns one isolated, resource-limited job and supervises it.
+//!
+//! The map of the code and its invariants is in `docs/ARCHITECTURE.md`.
+
+pub mod cgroup;
+pub mod job;
+pub mod parse;
