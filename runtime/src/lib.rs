@@ -5,3 +5,5 @@
 pub mod cgroup;
 pub mod job;
 pub mod parse;
+#[doc(hidden)]
+pub mod testsupport;
