@@ -182,6 +182,11 @@ impl JobCgroup {
         &self.join_procs
     }
 
+    /// Opens the v2 `cgroup.procs` (for kernels without `CLONE_INTO_CGROUP`).
+    pub(crate) fn open_v2_procs(&self) -> Result<OwnedFd, CgroupError> {
+        Err(CgroupError::Unsupported("not implemented yet".into()))
+    }
+
     /// Reads the job's CPU time, peak memory and OOM kills.
     pub fn usage(&self) -> Result<Usage, CgroupError> {
         read_usage(&self.accounting)
