@@ -110,6 +110,9 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Picks the read or write rate of an [`IoLimit`].
+type IoField = fn(&IoLimit) -> Option<u64>;
+
 /// joblet's parent in the v1 memory hierarchy and what it supports.
 #[derive(Debug)]
 struct V1Memory {
@@ -313,7 +316,7 @@ impl HybridDriver {
                 }
                 let old_io = merged_io(&old.io);
                 let new_io = merged_io(&new.io);
-                let rules: [(&str, fn(&IoLimit) -> Option<u64>); 2] = [
+                let rules: [(&str, IoField); 2] = [
                     ("blkio.throttle.read_bps_device", |l| l.read_bps),
                     ("blkio.throttle.write_bps_device", |l| l.write_bps),
                 ];
