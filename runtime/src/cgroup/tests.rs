@@ -630,3 +630,283 @@ fn remove_is_idempotent_for_vanished_dirs() {
     fs::remove_dir(parent.join("gone")).unwrap();
     cg.remove().unwrap();
 }
+
+/// Tests against this host's real hierarchy at `/sys/fs/cgroup` (root only).
+mod real {
+    use std::io::Write as _;
+    use std::os::fd::OwnedFd;
+    use std::process::{Command, Stdio};
+
+    use super::*;
+    use crate::testsupport::privileged;
+
+    const ROOT: &str = "/sys/fs/cgroup";
+
+    fn driver() -> Option<Box<dyn CgroupDriver>> {
+        let mut driver = None;
+        let ok = privileged("a cgroup v2 or hybrid hierarchy at /sys/fs/cgroup", || {
+            driver = Some(detect(Path::new(ROOT)).map_err(|e| e.to_string())?);
+            Ok(())
+        });
+        if ok { driver } else { None }
+    }
+
+    /// A name no other test (or concurrent run) uses.
+    fn unique(tag: &str) -> String {
+        format!("test-{}-{tag}", std::process::id())
+    }
+
+    /// Where the v1 hierarchies are, for reading files back.
+    fn v1_dir(c: V1Controller, name: &str) -> PathBuf {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let (_, mount) = v1_mounts(&mountinfo, Path::new(ROOT))
+            .into_iter()
+            .find(|(f, _)| *f == c)
+            .unwrap_or_else(|| panic!("{} is not mounted", c.name()));
+        mount.join(PARENT_NAME).join(name)
+    }
+
+    /// The whole disk holding `/`.
+    fn root_disk() -> DevNum {
+        let dev = fs::metadata("/").unwrap().dev();
+        let mut sys = PathBuf::from(format!(
+            "/sys/dev/block/{}:{}",
+            rustix::fs::major(dev),
+            rustix::fs::minor(dev)
+        ));
+        if sys.join("partition").exists() {
+            sys = fs::canonicalize(sys.join("..")).unwrap();
+        }
+        crate::parse::dev_num(read(sys.join("dev")).trim()).unwrap()
+    }
+
+    /// Removes the cgroups if the test fails half way.
+    struct Cleanup(Option<JobCgroup>);
+
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if let Some(cg) = self.0.take() {
+                let _ = cg.remove();
+            }
+        }
+    }
+
+    /// Kills our child if the test fails half way.
+    struct Child(std::process::Child);
+
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn write_pid(fd: &OwnedFd, pid: u32) {
+        let text = pid.to_string();
+        let n = rustix::io::write(fd, text.as_bytes()).expect("moving the child");
+        assert_eq!(n, text.len());
+    }
+
+    /// Moves `pid` into every cgroup of the set, as the spawn code does for the child.
+    fn move_into(cg: &JobCgroup, pid: u32) {
+        write_pid(&cg.open_v2_procs().unwrap(), pid);
+        for fd in cg.join_procs() {
+            write_pid(fd, pid);
+        }
+    }
+
+    /// A shell that waits for a line on stdin, then runs `script`.
+    fn gated_shell(script: &str) -> Child {
+        Child(
+            Command::new("/bin/sh")
+                .arg("-c")
+                .arg(format!("read _ && {script}"))
+                .stdin(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    fn release(child: &mut Child) {
+        child.0.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    }
+
+    fn assert_gone(name: &str, layout: Layout) {
+        let v2_root = match layout {
+            Layout::V2 => PathBuf::from(ROOT),
+            Layout::Hybrid => Path::new(ROOT).join("unified"),
+        };
+        assert!(!v2_root.join(PARENT_NAME).join(name).exists());
+        if layout == Layout::Hybrid {
+            for c in V1Controller::ALL {
+                let dir = v1_dir(c, name);
+                assert!(!dir.exists(), "{} left behind", dir.display());
+            }
+        }
+    }
+
+    #[test]
+    fn every_limit_is_applied_and_a_process_joins_every_cgroup() {
+        let Some(driver) = driver() else { return };
+        let name = unique("limits");
+        let disk = root_disk();
+        let limits = Limits {
+            memory_bytes: Some(64 << 20),
+            cpu_percent: Some(50),
+            cores: Some(CpuList::new(vec![0])),
+            pids: Some(32),
+            io: vec![IoLimit {
+                device: disk,
+                read_bps: Some(1 << 20),
+                write_bps: Some(2 << 20),
+            }],
+            timeout: None,
+        };
+        driver.check(&limits).unwrap();
+        let mut cleanup = Cleanup(Some(driver.create(&name, &limits).unwrap()));
+        let cg = cleanup.0.as_ref().unwrap();
+        assert_eq!(cg.id(), fs::metadata(cg.path()).unwrap().ino());
+
+        match driver.layout() {
+            Layout::Hybrid => {
+                assert_eq!(
+                    cg.path(),
+                    Path::new(ROOT).join("unified/joblet").join(&name)
+                );
+                let mem = v1_dir(V1Controller::Memory, &name);
+                assert_eq!(read(mem.join("memory.limit_in_bytes")).trim(), "67108864");
+                if mem.join("memory.memsw.limit_in_bytes").exists() {
+                    assert_eq!(
+                        read(mem.join("memory.memsw.limit_in_bytes")).trim(),
+                        "67108864"
+                    );
+                }
+                let cpu = v1_dir(V1Controller::Cpu, &name);
+                assert_eq!(read(cpu.join("cpu.cfs_quota_us")).trim(), "50000");
+                assert_eq!(read(cpu.join("cpu.cfs_period_us")).trim(), "100000");
+                let cpuset = v1_dir(V1Controller::Cpuset, &name);
+                assert_eq!(read(cpuset.join("cpuset.cpus")).trim(), "0");
+                assert!(!read(cpuset.join("cpuset.mems")).trim().is_empty());
+                let pids = v1_dir(V1Controller::Pids, &name);
+                assert_eq!(read(pids.join("pids.max")).trim(), "32");
+                let blkio = v1_dir(V1Controller::Blkio, &name);
+                assert_eq!(
+                    read(blkio.join("blkio.throttle.read_bps_device")).trim(),
+                    format!("{disk} 1048576")
+                );
+                assert_eq!(
+                    read(blkio.join("blkio.throttle.write_bps_device")).trim(),
+                    format!("{disk} 2097152")
+                );
+            }
+            Layout::V2 => {
+                let dir = cg.path();
+                assert_eq!(read(dir.join("memory.max")).trim(), "67108864");
+                assert_eq!(read(dir.join("cpu.max")).trim(), "50000 100000");
+                assert_eq!(read(dir.join("cpuset.cpus")).trim(), "0");
+                assert_eq!(read(dir.join("pids.max")).trim(), "32");
+                assert!(
+                    read(dir.join("io.max")).contains(&format!("{disk} rbps=1048576 wbps=2097152"))
+                );
+            }
+        }
+
+        let mut child = Child(Command::new("sleep").arg("1000").spawn().unwrap());
+        let pid = child.0.id();
+        move_into(cg, pid);
+        let membership = read(format!("/proc/{pid}/cgroup"));
+        let suffix = format!("/{PARENT_NAME}/{name}");
+        assert!(
+            membership.lines().any(|l| l == format!("0::{suffix}")),
+            "{membership}"
+        );
+        if driver.layout() == Layout::Hybrid {
+            for c in V1Controller::ALL {
+                assert!(
+                    membership.lines().any(|l| {
+                        let mut f = l.splitn(3, ':');
+                        let (_, ctrls, path) = (f.next(), f.next().unwrap(), f.next().unwrap());
+                        ctrls.split(',').any(|x| x == c.name()) && path == suffix
+                    }),
+                    "not in the {} cgroup: {membership}",
+                    c.name()
+                );
+            }
+        }
+        assert_eq!(read(cg.path().join("cgroup.procs")).trim(), pid.to_string());
+
+        child.0.kill().unwrap();
+        child.0.wait().unwrap();
+        cleanup.0.take().unwrap().remove().unwrap();
+        assert_gone(&name, driver.layout());
+    }
+
+    #[test]
+    fn usage_counts_cpu_and_peak_memory() {
+        let Some(driver) = driver() else { return };
+        let name = unique("usage");
+        let mut cleanup = Cleanup(Some(driver.create(&name, &Limits::default()).unwrap()));
+        let cg = cleanup.0.as_ref().unwrap();
+        let mut child = gated_shell("i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done");
+        move_into(cg, child.0.id());
+        release(&mut child);
+        assert!(child.0.wait().unwrap().success());
+        let usage = cg.usage().unwrap();
+        assert!(
+            usage.cpu_user_ns + usage.cpu_system_ns > 10_000_000,
+            "a 300k-iteration shell loop took more than 10 ms of CPU: {usage:?}"
+        );
+        assert!(
+            usage.memory_peak_bytes.is_some_and(|p| p > 100 << 10),
+            "{usage:?}"
+        );
+        assert_eq!(usage.oom_kills, 0);
+        cleanup.0.take().unwrap().remove().unwrap();
+        assert_gone(&name, driver.layout());
+    }
+
+    #[test]
+    fn exceeding_the_memory_limit_is_an_oom_kill_counted_in_usage() {
+        let Some(driver) = driver() else { return };
+        let name = unique("oom");
+        let limits = Limits {
+            memory_bytes: Some(16 << 20),
+            ..Limits::default()
+        };
+        let mut cleanup = Cleanup(Some(driver.create(&name, &limits).unwrap()));
+        let cg = cleanup.0.as_ref().unwrap();
+        // dd fills a 64 MiB buffer: four times the limit.
+        let mut child = gated_shell("exec dd if=/dev/zero of=/dev/null bs=64M count=1");
+        move_into(cg, child.0.id());
+        release(&mut child);
+        let status = child.0.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt as _;
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+        let usage = cg.usage().unwrap();
+        assert!(usage.oom_kills >= 1, "{usage:?}");
+        assert!(
+            usage
+                .memory_peak_bytes
+                .is_some_and(|p| p <= 16 << 20 && p > 8 << 20),
+            "{usage:?}"
+        );
+        cleanup.0.take().unwrap().remove().unwrap();
+        assert_gone(&name, driver.layout());
+    }
+
+    #[test]
+    fn check_refuses_cpus_the_host_does_not_have() {
+        let Some(driver) = driver() else { return };
+        let err = driver
+            .check(&Limits {
+                cores: Some(CpuList::new(vec![4095])),
+                ..Limits::default()
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("CPU 4095 ") && err.contains("available CPUs are"),
+            "{err}"
+        );
+    }
+}
