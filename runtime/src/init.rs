@@ -6,11 +6,12 @@
 //! does it. joblet's own binary is re-executed inside the job (from an fd, so it needs no path
 //! in the job's root) under the name [`crate::spawn::INIT_ARGV0`].
 
-use std::ffi::OsString;
-use std::process::Command;
+use std::ffi::{CString, OsString};
+use std::os::unix::ffi::OsStringExt;
 
 use rustix::process::{Pid, Signal, WaitOptions};
 
+use crate::sys::misc::CStringArray;
 use crate::sys::signal::SignalFd;
 
 /// Signals forwarded to the command.
@@ -43,14 +44,19 @@ pub fn run(args: Vec<OsString>) -> i32 {
             return 125;
         }
     };
-    let child = match Command::new(&program).args(it).spawn() {
-        Ok(c) => c,
+    let argv: Result<Vec<CString>, _> =
+        std::iter::once(program.clone()).chain(it).map(|a| CString::new(a.into_vec())).collect();
+    let Ok(argv) = argv else {
+        eprintln!("joblet-init: the command contains a NUL byte");
+        return 125;
+    };
+    let main_pid = match crate::sys::misc::spawn_clean(&CStringArray::new(argv)) {
+        Ok(pid) => Pid::from_raw(pid),
         Err(e) => {
             eprintln!("joblet-init: {}: {e}", program.to_string_lossy());
             return if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
         }
     };
-    let main_pid = Pid::from_raw(child.id() as i32);
     loop {
         let mut fds = [rustix::event::PollFd::new(&sigfd, rustix::event::PollFlags::IN)];
         let _ = rustix::event::poll(&mut fds, None);

@@ -119,3 +119,47 @@ pub(crate) fn loopback_up() -> Result<(), Errno> {
     let rc = unsafe { libc::ioctl(sock.as_fd().as_raw_fd(), libc::SIOCSIFFLAGS, &req as *const libc::ifreq) };
     check(rc as libc::c_long)
 }
+
+/// `posix_spawnp(argv[0], argv, environ)` with every signal reset to its default disposition
+/// and an empty signal mask in the child, whatever the caller blocks (the job's init blocks
+/// everything it forwards, and `std::process::Command` passes the mask on). Returns the pid.
+pub(crate) fn spawn_clean(argv: &CStringArray) -> std::io::Result<i32> {
+    let prog = argv.ptrs.first().copied().filter(|p| !p.is_null()).ok_or(std::io::ErrorKind::InvalidInput)?;
+    let mut pid: libc::pid_t = 0;
+    // SAFETY: the attr is initialised before use and destroyed after; `prog` and `argv` are
+    // NULL-terminated C strings owned by `argv` (CStringArray's invariant); `environ` is the
+    // process environment, which nothing in this single-threaded init modifies concurrently.
+    unsafe {
+        let mut attr = std::mem::MaybeUninit::<libc::posix_spawnattr_t>::uninit();
+        let rc = libc::posix_spawnattr_init(attr.as_mut_ptr());
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        let mut empty = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        let mut all = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        libc::sigemptyset(empty.as_mut_ptr());
+        libc::sigfillset(all.as_mut_ptr());
+        libc::posix_spawnattr_setsigmask(attr.as_mut_ptr(), empty.as_ptr());
+        libc::posix_spawnattr_setsigdefault(attr.as_mut_ptr(), all.as_ptr());
+        libc::posix_spawnattr_setflags(
+            attr.as_mut_ptr(),
+            (libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF) as libc::c_short,
+        );
+        unsafe extern "C" {
+            static environ: *const *mut c_char;
+        }
+        let rc = libc::posix_spawnp(
+            &mut pid,
+            prog,
+            std::ptr::null(),
+            attr.as_ptr(),
+            argv.ptrs.as_ptr() as *const *mut c_char,
+            environ,
+        );
+        libc::posix_spawnattr_destroy(attr.as_mut_ptr());
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+    }
+    Ok(pid)
+}
