@@ -5,5 +5,11 @@
 pub mod cgroup;
 pub mod job;
 pub mod parse;
+#[cfg_attr(
+    not(test),
+    expect(dead_code, reason = "spawn, in a parallel branch, is the caller")
+)]
+mod seccomp;
+mod sys;
 #[doc(hidden)]
 pub mod testsupport;

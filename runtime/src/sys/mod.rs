@@ -1,0 +1,4 @@
+//! The system-call layer: the only code allowed to be `unsafe`. Each submodule allows it back
+//! for itself, with its reason.
+
+pub(crate) mod seccomp;
