@@ -14,10 +14,10 @@
 //!
 //! The program is compiled once per process by [`default_filter`] (seccompiler generates the
 //! rules, in small buckets that a hand-written binary tree dispatches to, after a hand-written ABI
-//! guard, see [`compile`] and [`abi_guard`]) and installed by [`install`] in the spawned child, last, right before
-//! `execve`: it denies `mount`, `pivot_root`, `setns` and `unshare`, which the child's own setup
-//! needs. [`install`] is async-signal-safe, as the child of a `CLONE_VM | CLONE_VFORK` clone
-//! requires.
+//! guard, see [`compile`] and [`abi_guard`]), in the parent, before the clone: compiling
+//! allocates. The spawned child installs it with [`install`], last, right before `execve`: it
+//! denies `mount`, `pivot_root`, `setns` and `unshare`, which the child's own setup needs.
+//! [`install`] is async-signal-safe, as the child of a `CLONE_VM | CLONE_VFORK` clone requires.
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -74,7 +74,8 @@ pub(crate) enum SeccompError {
 /// The compiled default filter for the running architecture.
 ///
 /// Compiled on first use and kept for the life of the process; a failure is not cached (it is
-/// deterministic, so every call reports it).
+/// deterministic, so every call reports it). Call it in the parent before cloning a job: the
+/// first call allocates.
 ///
 /// # Errors
 ///

@@ -37,9 +37,10 @@ pub(crate) fn set_mode_filter(prog: &[sock_filter]) -> Result<(), Errno> {
         filter: prog.as_ptr(),
     };
     // SAFETY: `fprog` points at `prog`, `len` instructions long; both outlive the call, and the
-    // kernel only copies them in (it keeps its own copy of the program). The call writes no memory
-    // of this process except errno, which after a `CLONE_VM | CLONE_VFORK` clone is the suspended
-    // parent thread's, exactly as in posix_spawn's child; no Rust code relies on errno across calls.
+    // kernel only copies them in (it keeps its own copy of the program). The call writes no
+    // memory of this process except errno, which after a `CLONE_VM | CLONE_VFORK` clone is the
+    // suspended parent thread's, exactly as in posix_spawn's child; no Rust code relies on errno
+    // across calls.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_seccomp,
@@ -114,8 +115,9 @@ pub(crate) mod testing {
         // `kexec_load` its segment count and flags, `acct` faults on its path); `clone` gets
         // CLONE_THREAD without CLONE_SIGHAND, which the kernel refuses before creating anything.
         // The calls that can succeed change only the calling process and none of its memory:
-        // `unshare` with any flags but CLONE_FILES, `personality` with any value, `vhangup` (the test child runs
-        // in its own session, without a controlling terminal), `socket(value, -1, -1)`.
+        // `unshare` with any flags but CLONE_FILES, `personality` with any value, `vhangup` (the
+        // test child runs in its own session, without a controlling terminal),
+        // `socket(value, -1, -1)`.
         let rc = unsafe {
             libc::syscall(
                 denied.nr, args[0], args[1], args[2], args[3], args[4], args[5],
