@@ -165,10 +165,10 @@ pub(crate) struct Group {
     pub(crate) calls: &'static [Denied],
 }
 
-/// `Denied { .. When::Always }` entries from libc constant names.
+/// `Denied { .. When::Always }` entries from the names of [`nr`]'s constants.
 macro_rules! always {
     ($($sys:ident),* $(,)?) => {
-        &[$(Denied { name: stringify!($sys), nr: libc::$sys, when: When::Always }),*]
+        &[$(Denied { name: stringify!($sys), nr: nr::$sys, when: When::Always }),*]
     };
 }
 
@@ -213,9 +213,16 @@ const UNSHARE_NS_FLAGS: &[u32] = &[
 /// `ADDR_NO_RANDOMIZE` and `READ_IMPLIES_EXEC`) would weaken the job's memory protections.
 const PERSONALITY_ALLOWED: &[u32] = &[0, 8, 0x0002_0000, 0x0002_0008, 0xffff_ffff];
 
-/// `open_tree_attr(2)` (Linux 6.15): the number is the same on every architecture with the
-/// unified syscall table, and libc does not declare it yet.
-const SYS_OPEN_TREE_ATTR: i64 = 467;
+/// Syscall numbers: libc's, and those it does not declare yet (a local item shadows the glob, so
+/// libc adding one later changes nothing).
+mod nr {
+    pub(super) use libc::*;
+
+    /// `open_tree_attr(2)` (Linux 6.15): the same number on every architecture with the unified
+    /// syscall table.
+    #[expect(non_upper_case_globals, reason = "named like libc's SYS_* constants")]
+    pub(super) const SYS_open_tree_attr: i64 = 467;
+}
 
 /// The denylist, by group.
 ///
@@ -262,67 +269,19 @@ pub(crate) const GROUPS: &[Group] = &[
     Group {
         name: "mount",
         reason: "the job's root is built before exec; remounting could undo its pivot_root'ed view",
-        calls: &[
-            Denied {
-                name: "SYS_mount",
-                nr: libc::SYS_mount,
-                when: When::Always,
-            },
-            Denied {
-                name: "SYS_umount2",
-                nr: libc::SYS_umount2,
-                when: When::Always,
-            },
-            Denied {
-                name: "SYS_pivot_root",
-                nr: libc::SYS_pivot_root,
-                when: When::Always,
-            },
-            Denied {
-                name: "SYS_chroot",
-                nr: libc::SYS_chroot,
-                when: When::Always,
-            },
-            Denied {
-                name: "SYS_fsopen",
-                nr: libc::SYS_fsopen,
-                when: When::Always,
-            },
-            Denied {
-                name: "SYS_fsconfig",
-                nr: libc::SYS_fsconfig,
-                when: When::Always,
-            },
-            Denied {
-                name: "SYS_fsmount",
-                nr: libc::SYS_fsmount,
-                when: When::Always,
-            },
-            Denied {
-                name: "SYS_fspick",
-                nr: libc::SYS_fspick,
-                when: When::Always,
-            },
-            Denied {
-                name: "SYS_move_mount",
-                nr: libc::SYS_move_mount,
-                when: When::Always,
-            },
-            Denied {
-                name: "SYS_open_tree",
-                nr: libc::SYS_open_tree,
-                when: When::Always,
-            },
-            Denied {
-                name: "SYS_open_tree_attr",
-                nr: SYS_OPEN_TREE_ATTR,
-                when: When::Always,
-            },
-            Denied {
-                name: "SYS_mount_setattr",
-                nr: libc::SYS_mount_setattr,
-                when: When::Always,
-            },
+        calls: always![
+            SYS_mount,
+            SYS_umount2,
+            SYS_pivot_root,
+            SYS_chroot,
+            SYS_fsopen,
+            SYS_fsconfig,
+            SYS_fsmount,
+            SYS_fspick,
+            SYS_move_mount,
+            SYS_open_tree,
+            SYS_open_tree_attr,
+            SYS_mount_setattr,
         ],
     },
     Group {
