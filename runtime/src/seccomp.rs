@@ -29,7 +29,7 @@ use seccompiler::{
 
 /// Why the default filter could not be built.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum SeccompError {
+pub enum SeccompError {
     /// joblet has no denylist for the architecture it was built for.
     #[cfg_attr(
         any(target_arch = "x86_64", target_arch = "aarch64"),
