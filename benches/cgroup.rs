@@ -1,5 +1,7 @@
 //! Cost of a job's cgroup set: create (mkdir + limits + join fds) and remove, per job, on this
-//! host's real hierarchy. Needs root; prints why and does nothing otherwise.
+//! host's real hierarchy, with new sets (`fresh`) and with sets reused from a pool (`pooled`:
+//! limit rewrite, baseline reads, emptiness check). Needs root; prints why and does nothing
+//! otherwise.
 //!
 //! `cargo bench --bench cgroup`
 
@@ -47,20 +49,25 @@ fn driver() -> Option<Box<dyn CgroupDriver>> {
 }
 
 fn create_remove(c: &mut Criterion) {
-    let Some(driver) = driver() else { return };
+    let (Some(fresh), Some(mut pooled)) = (driver(), driver()) else {
+        return;
+    };
+    pooled.set_pool(8).expect("pool");
     let pid = std::process::id();
-    let mut group = c.benchmark_group(format!("cgroup_{}", driver.layout().as_str()));
-    for (label, limits) in limit_sets() {
-        let mut n = 0u64;
-        group.bench_function(format!("fresh/{label}"), |b| {
-            b.iter(|| {
-                n += 1;
-                let cg = driver
-                    .create(&format!("bench-{pid}-{n}"), &limits)
-                    .expect("create");
-                cg.remove().expect("remove");
-            })
-        });
+    let mut group = c.benchmark_group(format!("cgroup_{}", fresh.layout().as_str()));
+    for (mode, driver) in [("fresh", &fresh), ("pooled", &pooled)] {
+        for (label, limits) in limit_sets() {
+            let mut n = 0u64;
+            group.bench_function(format!("{mode}/{label}"), |b| {
+                b.iter(|| {
+                    n += 1;
+                    let cg = driver
+                        .create(&format!("bench-{pid}-{n}"), &limits)
+                        .expect("create");
+                    cg.remove().expect("remove");
+                })
+            });
+        }
     }
     group.finish();
 }
