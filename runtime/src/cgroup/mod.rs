@@ -5,10 +5,20 @@
 //!   own v2 cgroup;
 //! - [`hybrid::HybridDriver`], cgroup v2 mounted at `unified/` with no controllers plus the v1
 //!   controllers under `/sys/fs/cgroup/NAME`: the job is born in a controller-less v2 cgroup (whose
-//!   id the eBPF probes see) and joins its v1 cgroups from the child, through fds opened here.
+//!   id the eBPF probes see, and whose `cpu.stat` gives its CPU time) and joins its v1 cgroups from
+//!   the child, through `cgroup.procs` fds opened here.
 //!
 //! All of joblet's cgroups live under one parent named `joblet` in each hierarchy; a job's cgroup
-//! set is removed when the job ends. Nothing outside those parents is ever written.
+//! set is removed when the job ends (or, with a pool, kept for the next job: see [`pool`]).
+//! Nothing outside those parents is ever written, in particular not the root's
+//! `cgroup.subtree_control`: a limit whose controller the host does not delegate is refused by
+//! [`CgroupDriver::check`] with the command that would enable it.
+//!
+//! Cost: a new cgroup set is dominated by the kernel (`mkdir` allocates each controller's state
+//! and creates every interface file; the first `open` of a file instantiates its inode), so the
+//! drivers learn everything they compare against once at startup, open joblet's parents once and
+//! reach every file with `*at` calls, write only the limits that are set, and make on hybrid hosts
+//! only the v1 cgroups a job's limits need.
 
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};

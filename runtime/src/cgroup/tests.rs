@@ -1181,6 +1181,24 @@ mod real {
     }
 
     #[test]
+    fn detect_matches_the_mount_table() {
+        let Some(driver) = driver() else { return };
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let cgroup2_at = |dir: &str| {
+            mountinfo
+                .lines()
+                .any(|l| l.split(' ').nth(4) == Some(dir) && l.contains(" - cgroup2 "))
+        };
+        let expected = if cgroup2_at(ROOT) {
+            Layout::V2
+        } else {
+            assert!(cgroup2_at("/sys/fs/cgroup/unified"), "{mountinfo}");
+            Layout::Hybrid
+        };
+        assert_eq!(driver.layout(), expected);
+    }
+
+    #[test]
     fn check_refuses_cpus_the_host_does_not_have() {
         let Some(driver) = driver() else { return };
         let err = driver
@@ -1195,4 +1213,12 @@ mod real {
             "{err}"
         );
     }
+}
+
+#[test]
+fn cgroup_sets_can_move_between_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<JobCgroup>();
+    send_sync::<V2Driver>();
+    send_sync::<HybridDriver>();
 }
