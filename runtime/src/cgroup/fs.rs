@@ -165,23 +165,33 @@ impl Dir {
         })
     }
 
+    /// Opens `rel` for reading and writing (`O_RDWR | O_CLOEXEC`).
+    pub(crate) fn open_rw(&self, rel: &str) -> Result<OwnedFd, CgroupError> {
+        rustix::fs::openat(&self.fd, rel, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty()).map_err(
+            |e| CgroupError::Open {
+                path: self.path_of(rel),
+                source: e.into(),
+            },
+        )
+    }
+
+    /// The link count of the child directory `name`: on kernfs (as on most filesystems), 2 plus
+    /// its subdirectories.
+    pub(crate) fn child_nlink(&self, name: &str) -> io::Result<u64> {
+        rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW)
+            .map(|st| st.st_nlink)
+            .map_err(Into::into)
+    }
+
     /// Writes `value` to the control file `rel` in one `write` (cgroupfs parses each write
-    /// whole). On the fake, writes are appended so tests see every write in order.
+    /// whole). On the fake, writes are appended, each ending in a newline, so tests see every
+    /// write in order.
     pub(crate) fn write(&self, rel: &str, value: &str) -> Result<(), CgroupError> {
         let fd = self.open_write(rel)?;
-        let mut bytes = value.as_bytes();
-        let owned;
-        if self.backing == Backing::Plain {
-            owned = format!("{value}\n");
-            bytes = owned.as_bytes();
-        }
-        let res = match rustix::io::write(&fd, bytes) {
-            Ok(n) if n == bytes.len() => Ok(()),
-            Ok(n) => Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                format!("short write of {n} bytes"),
-            )),
-            Err(e) => Err(e.into()),
+        let res = if self.backing == Backing::Plain && !value.ends_with('\n') {
+            write_fd(&fd, &format!("{value}\n"))
+        } else {
+            write_fd(&fd, value)
         };
         res.map_err(|source| CgroupError::Write {
             path: self.path_of(rel),
@@ -204,6 +214,18 @@ impl Dir {
         )
         .map_err(|e| err(e.into()))?;
         read_fd(&fd).map_err(err)
+    }
+}
+
+/// Writes `value` to an open control file in one `write`.
+pub(crate) fn write_fd(fd: impl AsFd, value: &str) -> io::Result<()> {
+    match rustix::io::write(fd, value.as_bytes()) {
+        Ok(n) if n == value.len() => Ok(()),
+        Ok(n) => Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            format!("short write of {n} of {} bytes", value.len()),
+        )),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::fs::{Backing, Dir};
+use super::pool::Pool;
 use super::{
-    Accounting, CgFile, CgroupDriver, CgroupError, CreateGuard, JobCgroup, Layout, PARENT_NAME,
-    check_name, check_values, merged_io, parse_cpus,
+    CgroupDriver, CgroupError, CreateGuard, JobCgroup, Layout, MemoryFiles, MemoryVersion,
+    PARENT_NAME, check_name, check_values, merged_io, parse_cpus,
 };
 use crate::job::{CpuList, IoLimit, Limits};
 
@@ -42,6 +43,10 @@ impl V1Controller {
         V1Controller::Pids,
         V1Controller::Blkio,
     ];
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
 
     /// The controller's name, as in mount options.
     pub fn name(self) -> &'static str {
@@ -150,6 +155,7 @@ pub struct HybridDriver {
     pids: Option<Arc<Dir>>,
     blkio: Option<Arc<Dir>>,
     sys_dev_block: PathBuf,
+    pool: Option<Arc<Pool>>,
 }
 
 impl HybridDriver {
@@ -178,6 +184,7 @@ impl HybridDriver {
             pids: None,
             blkio: None,
             sys_dev_block: sys_dev_block.to_owned(),
+            pool: None,
         };
         for (controller, mount) in v1 {
             let root = Dir::open(mount, backing)?;
@@ -402,18 +409,42 @@ impl CgroupDriver for HybridDriver {
         let cpus = self
             .cpuset
             .as_ref()
-            .map(|cs| (cs.cpus.clone(), cs.dir.path_of("cpuset.cpus")));
+            .map(|cs| (&cs.cpus, cs.dir.path_of("cpuset.cpus")));
         check_values(
             limits,
-            cpus.as_ref().map(|(c, p)| (c, p.as_path())),
+            cpus.as_ref().map(|(c, p)| (*c, p.as_path())),
             &self.sys_dev_block,
         )
     }
 
     fn create(&self, name: &str, limits: &Limits) -> Result<JobCgroup, CgroupError> {
-        check_name(&self.unified, name)?;
         // A limit silently dropped would be worse than a failed job.
         self.check_mounted(limits)?;
+        let Some(pool) = &self.pool else {
+            return self.create_new(name, limits);
+        };
+        let controllers = self.job_controllers(limits);
+        let key = controllers.iter().fold(0, |k, (c, _)| k | c.bit());
+        let reused = pool.acquire(key, limits, |cg, old| {
+            controllers
+                .iter()
+                .try_for_each(|(c, _)| self.write_limits(*c, &cg.name, old, limits))
+        });
+        match reused {
+            Some(cg) => Ok(cg),
+            None => Ok(pool.adopt(self.create_new(&pool.name(), limits)?, key, limits)),
+        }
+    }
+
+    fn set_pool(&mut self, capacity: usize) -> Result<(), CgroupError> {
+        self.pool = (capacity > 0).then(|| Pool::new(capacity));
+        Ok(())
+    }
+}
+
+impl HybridDriver {
+    fn create_new(&self, name: &str, limits: &Limits) -> Result<JobCgroup, CgroupError> {
+        check_name(&self.unified, name)?;
         self.unified.mkdir(name)?;
         let mut guard = CreateGuard {
             name,
@@ -436,15 +467,11 @@ impl CgroupDriver for HybridDriver {
             self.write_limits(*c, name, &none, limits)?;
             join_procs.push(dir.open_write(&format!("{name}/cgroup.procs"))?);
         }
-        let accounting = match &self.memory {
-            Some(m) => Accounting {
-                memory_peak: m
-                    .has_max_usage
-                    .then(|| CgFile::new(&m.dir, name, "memory.max_usage_in_bytes")),
-                oom_events: Some(CgFile::new(&m.dir, name, "memory.oom_control")),
-            },
-            None => Accounting::default(),
-        };
+        let memory = self.memory.as_ref().map(|m| MemoryFiles {
+            dir: Arc::clone(&m.dir),
+            version: MemoryVersion::V1,
+            has_peak: m.has_max_usage,
+        });
         // The v2 directory last: it is where the job is born, so it is the last to go.
         let mut parents = guard.defuse();
         parents.rotate_left(1);
@@ -454,7 +481,8 @@ impl CgroupDriver for HybridDriver {
             join_procs,
             parents,
             id,
-            accounting,
+            memory,
+            reuse: None,
         })
     }
 }

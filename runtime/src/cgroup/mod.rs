@@ -5,10 +5,20 @@
 //!   own v2 cgroup;
 //! - [`hybrid::HybridDriver`], cgroup v2 mounted at `unified/` with no controllers plus the v1
 //!   controllers under `/sys/fs/cgroup/NAME`: the job is born in a controller-less v2 cgroup (whose
-//!   id the eBPF probes see) and joins its v1 cgroups from the child, through fds opened here.
+//!   id the eBPF probes see, and whose `cpu.stat` gives its CPU time) and joins its v1 cgroups from
+//!   the child, through `cgroup.procs` fds opened here.
 //!
 //! All of joblet's cgroups live under one parent named `joblet` in each hierarchy; a job's cgroup
-//! set is removed when the job ends. Nothing outside those parents is ever written.
+//! set is removed when the job ends (or, with a pool, kept for the next job: see [`pool`]).
+//! Nothing outside those parents is ever written, in particular not the root's
+//! `cgroup.subtree_control`: a limit whose controller the host does not delegate is refused by
+//! [`CgroupDriver::check`] with the command that would enable it.
+//!
+//! Cost: a new cgroup set is dominated by the kernel (`mkdir` allocates each controller's state
+//! and creates every interface file; the first `open` of a file instantiates its inode), so the
+//! drivers learn everything they compare against once at startup, open joblet's parents once and
+//! reach every file with `*at` calls, write only the limits that are set, and make on hybrid hosts
+//! only the v1 cgroups a job's limits need.
 
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -24,6 +34,7 @@ use fs::Dir;
 
 mod fs;
 pub mod hybrid;
+pub mod pool;
 #[cfg(test)]
 mod tests;
 pub mod v2;
@@ -139,14 +150,26 @@ pub trait CgroupDriver: Send + Sync + std::fmt::Debug {
 
     /// Creates the cgroup set of job `name` (a [`crate::job::JobId`]) under joblet's parents, with
     /// `limits` written. Nothing is left behind on error.
+    ///
+    /// With a pool ([`CgroupDriver::set_pool`]) the set may be a reused one, named after the pool
+    /// rather than the job; it is indistinguishable from a new one in limits and usage.
     fn create(&self, name: &str, limits: &Limits) -> Result<JobCgroup, CgroupError>;
+
+    /// Keeps up to `capacity` emptied cgroup sets for reuse by later [`CgroupDriver::create`]
+    /// calls, saving the `mkdir`/`rmdir` and first-open costs; 0 turns reuse off. Fails when the
+    /// kernel cannot reset what a reused set must reset (v2 `memory.peak` before Linux 6.12).
+    ///
+    /// A reused set keeps its cgroup id, so per-job state keyed by id (eBPF maps) must be reset
+    /// between jobs; and the job must not be stopped with `cgroup.kill`, after which the kernel
+    /// kills every later task spawned into that cgroup (see [`JobCgroup::reusable`]).
+    fn set_pool(&mut self, capacity: usize) -> Result<(), CgroupError>;
 }
 
 /// The cgroup set of one job. Dropping it does not remove the cgroups: call
 /// [`JobCgroup::remove`] once the job's processes are gone.
 #[derive(Debug)]
 pub struct JobCgroup {
-    /// The job's directory name in every hierarchy.
+    /// The set's directory name in every hierarchy (the job id, or a pool name).
     pub(crate) name: String,
     /// The job's v2 directory, opened `O_RDONLY | O_DIRECTORY`: the fd for `CLONE_INTO_CGROUP`.
     pub(crate) v2: Dir,
@@ -159,42 +182,75 @@ pub struct JobCgroup {
     pub(crate) parents: Vec<Arc<Dir>>,
     /// The v2 cgroup id (inode number of the v2 directory).
     pub(crate) id: u64,
-    /// Where usage is read from.
-    pub(crate) accounting: Accounting,
+    /// The job's memory cgroup, where peak memory and OOM kills are read.
+    pub(crate) memory: Option<MemoryFiles>,
+    /// Set when the set came from, and goes back to, a pool.
+    pub(crate) reuse: Option<pool::Reuse>,
 }
 
-/// A control file of a job, named relative to one of joblet's parents.
+/// Which memory controller a job's memory files belong to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MemoryVersion {
+    V1,
+    V2,
+}
+
+/// A job's memory cgroup: `name` under `dir` (joblet's memory parent).
 #[derive(Debug, Clone)]
-pub(crate) struct CgFile {
+pub(crate) struct MemoryFiles {
     pub(crate) dir: Arc<Dir>,
-    pub(crate) rel: String,
+    pub(crate) version: MemoryVersion,
+    /// The peak file exists (v2 `memory.peak` needs 5.19).
+    pub(crate) has_peak: bool,
 }
 
-impl CgFile {
-    pub(crate) fn new(dir: &Arc<Dir>, job: &str, file: &str) -> CgFile {
-        CgFile {
-            dir: Arc::clone(dir),
-            rel: format!("{job}/{file}"),
+impl MemoryFiles {
+    /// Peak usage: resettable in v1 by writing 0, in v2 per open file by writing (6.12).
+    pub(crate) fn peak(&self) -> Option<&'static str> {
+        self.has_peak.then_some(match self.version {
+            MemoryVersion::V1 => "memory.max_usage_in_bytes",
+            MemoryVersion::V2 => "memory.peak",
+        })
+    }
+
+    /// The file with the `oom_kill N` line.
+    pub(crate) fn events(&self) -> &'static str {
+        match self.version {
+            MemoryVersion::V1 => "memory.oom_control",
+            MemoryVersion::V2 => "memory.events",
         }
     }
 
-    fn read(&self) -> Result<String, CgroupError> {
-        self.dir.read(&self.rel)
+    /// Current usage.
+    pub(crate) fn current(&self) -> &'static str {
+        match self.version {
+            MemoryVersion::V1 => "memory.usage_in_bytes",
+            MemoryVersion::V2 => "memory.current",
+        }
     }
 
-    fn path(&self) -> PathBuf {
-        self.dir.path_of(&self.rel)
+    pub(crate) fn read(&self, job: &str, file: &str) -> Result<String, CgroupError> {
+        self.dir.read(&format!("{job}/{file}"))
     }
-}
 
-/// Files usage is read from, besides the v2 `cpu.stat` (present in every v2 cgroup, with or
-/// without the cpu controller, so it is read from the job's v2 directory on both layouts).
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Accounting {
-    /// Peak memory: v2 `memory.peak` or v1 `memory.max_usage_in_bytes`.
-    pub(crate) memory_peak: Option<CgFile>,
-    /// OOM kill counter: v2 `memory.events` or v1 `memory.oom_control` (both have `oom_kill N`).
-    pub(crate) oom_events: Option<CgFile>,
+    pub(crate) fn read_u64(&self, job: &str, file: &str) -> Result<u64, CgroupError> {
+        let rel = format!("{job}/{file}");
+        self.dir
+            .read(&rel)?
+            .trim()
+            .parse()
+            .map_err(|_| invalid_data(self.dir.path_of(&rel), "not a number"))
+    }
+
+    pub(crate) fn oom_kills(&self, job: &str) -> Result<u64, CgroupError> {
+        let file = self.events();
+        parse_oom_kill(&self.read(job, file)?).ok_or_else(|| {
+            invalid_data(
+                self.dir.path_of(&format!("{job}/{file}")),
+                "no oom_kill line",
+            )
+        })
+    }
 }
 
 #[allow(
@@ -210,6 +266,12 @@ impl JobCgroup {
     /// The v2 directory's path.
     pub fn path(&self) -> &Path {
         self.v2.path()
+    }
+
+    /// Whether the set goes back to a pool on [`JobCgroup::remove`]: the job must then not be
+    /// stopped with `cgroup.kill` (after it, every task spawned into the cgroup is killed).
+    pub fn reusable(&self) -> bool {
+        self.reuse.is_some()
     }
 
     /// The directory fd for `CLONE_INTO_CGROUP`.
@@ -229,8 +291,9 @@ impl JobCgroup {
         self.v2.open_write("cgroup.procs")
     }
 
-    /// Reads the job's CPU time, peak memory and OOM kills.
-    pub fn usage(&self) -> Result<Usage, CgroupError> {
+    /// The raw counters: CPU time and OOM kills since the cgroup was made, memory peak since it
+    /// was made or reset.
+    pub(crate) fn counters(&self) -> Result<Usage, CgroupError> {
         let cpu_stat = self.v2.read("cpu.stat")?;
         let (cpu_user_ns, cpu_system_ns) = parse_cpu_stat(&cpu_stat).ok_or_else(|| {
             invalid_data(
@@ -238,33 +301,58 @@ impl JobCgroup {
                 "no user_usec/system_usec lines",
             )
         })?;
-        let memory_peak_bytes = match &self.accounting.memory_peak {
-            Some(f) => Some(
-                f.read()?
-                    .trim()
-                    .parse::<u64>()
-                    .map_err(|_| invalid_data(f.path(), "not a number"))?,
-            ),
-            None => None,
+        let Some(memory) = &self.memory else {
+            return Ok(Usage {
+                cpu_user_ns,
+                cpu_system_ns,
+                memory_peak_bytes: None,
+                oom_kills: 0,
+            });
         };
-        let oom_kills = match &self.accounting.oom_events {
-            Some(f) => parse_oom_kill(&f.read()?)
-                .ok_or_else(|| invalid_data(f.path(), "no oom_kill line"))?,
-            None => 0,
+        let peak_fd = self.reuse.as_ref().and_then(|r| r.peak_fd.as_ref());
+        let memory_peak_bytes = match (memory.peak(), peak_fd) {
+            (Some(file), Some(fd)) => {
+                let path = || memory.dir.path_of(&format!("{}/{file}", self.name));
+                let text = fs::read_fd(fd).map_err(|source| CgroupError::Read {
+                    path: path(),
+                    source,
+                })?;
+                Some(
+                    text.trim()
+                        .parse()
+                        .map_err(|_| invalid_data(path(), "not a number"))?,
+                )
+            }
+            (Some(file), None) => Some(memory.read_u64(&self.name, file)?),
+            (None, _) => None,
         };
         Ok(Usage {
             cpu_user_ns,
             cpu_system_ns,
             memory_peak_bytes,
-            oom_kills,
+            oom_kills: memory.oom_kills(&self.name)?,
+        })
+    }
+
+    /// Reads the job's CPU time, peak memory and OOM kills. For a reused set these are what
+    /// this job used: counters as deltas from their values when the set was handed out, and
+    /// peak memory less what earlier jobs left charged (see [`pool`]).
+    pub fn usage(&self) -> Result<Usage, CgroupError> {
+        let now = self.counters()?;
+        Ok(match &self.reuse {
+            Some(reuse) => reuse.base.since(now),
+            None => now,
         })
     }
 
     /// Removes every directory of the set, retrying for up to [`REMOVE_RETRY`] while the
     /// kernel finishes releasing exited tasks (`EBUSY`). Returns the first error after trying
-    /// them all.
-    pub fn remove(self) -> Result<(), CgroupError> {
-        remove_dirs(&self.name, &self.parents)
+    /// them all. A reusable set whose cgroups are empty goes back to its pool instead.
+    pub fn remove(mut self) -> Result<(), CgroupError> {
+        match self.reuse.take() {
+            Some(reuse) => pool::release(self, reuse),
+            None => remove_dirs(&self.name, &self.parents),
+        }
     }
 }
 

@@ -631,6 +631,215 @@ fn remove_is_idempotent_for_vanished_dirs() {
     cg.remove().unwrap();
 }
 
+/// Makes a fake v2 job dir look like an emptied cgroup with `charged` bytes still charged.
+fn fake_emptied(dir: &Path, charged: u64) {
+    write(dir.join("cgroup.events"), "populated 0\nfrozen 0\n");
+    write(dir.join("memory.current"), &format!("{charged}\n"));
+    if !dir.join("memory.peak").exists() {
+        write(dir.join("memory.peak"), &format!("{charged}\n"));
+    }
+}
+
+fn fake_counters(dir: &Path, user_usec: u64, oom_kills: u64) {
+    write(
+        dir.join("cpu.stat"),
+        &format!("usage_usec {user_usec}\nuser_usec {user_usec}\nsystem_usec 0\n"),
+    );
+    write(
+        dir.join("memory.events"),
+        &format!("oom {oom_kills}\noom_kill {oom_kills}\n"),
+    );
+}
+
+#[test]
+fn v2_pool_reuses_an_emptied_set_with_every_limit_rewritten() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, mut driver) = fake_v2(tmp.path(), "cpu cpuset io memory pids\n");
+    driver.set_pool(4).unwrap();
+    let first = driver.create("job-a", &every_limit()).unwrap();
+    assert!(first.reusable());
+    let dir = first.path().to_owned();
+    assert!(
+        dir.file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("pool-")
+    );
+    let id = first.id();
+    fake_counters(&dir, 700, 2);
+    write(dir.join("memory.peak"), "9000000\n");
+    fake_emptied(&dir, 4096);
+    first.remove().unwrap();
+    assert!(dir.exists(), "an emptied set goes back to the pool");
+
+    let limits = Limits {
+        memory_bytes: Some(50 << 20),
+        ..Limits::default()
+    };
+    let second = driver.create("job-b", &limits).unwrap();
+    assert_eq!((second.path(), second.id()), (dir.as_path(), id));
+    // Each file holds the history of writes: the first job's limits, then the resets.
+    assert_eq!(read(dir.join("memory.max")), "104857600\n52428800\n");
+    assert_eq!(
+        read(dir.join("memory.swap.max")),
+        "0\n",
+        "still limited: no rewrite"
+    );
+    assert_eq!(read(dir.join("cpu.max")), "150000 100000\nmax 100000\n");
+    assert_eq!(read(dir.join("cpuset.cpus")), "1\n\n");
+    assert_eq!(read(dir.join("pids.max")), "64\nmax\n");
+    assert_eq!(
+        read(dir.join("io.max")),
+        "8:0 rbps=1048576 wbps=max\n8:0 rbps=max wbps=max\n"
+    );
+
+    // Usage is what the second job did: deltas, and the peak above what was charged.
+    fake_counters(&dir, 1000, 3);
+    write(dir.join("memory.peak"), "1004096\n");
+    assert_eq!(
+        second.usage().unwrap(),
+        Usage {
+            cpu_user_ns: 300_000,
+            cpu_system_ns: 0,
+            memory_peak_bytes: Some(1_000_000),
+            oom_kills: 1,
+        }
+    );
+    second.remove().unwrap();
+    driver.set_pool(0).unwrap();
+    assert!(!dir.exists(), "dropping the pool removes what it holds");
+}
+
+#[test]
+fn v2_pool_with_the_same_limits_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, mut driver) = fake_v2(tmp.path(), "cpu memory pids\n");
+    driver.set_pool(1).unwrap();
+    let limits = Limits {
+        memory_bytes: Some(8 << 20),
+        pids: Some(5),
+        ..Limits::default()
+    };
+    let cg = driver.create("x", &limits).unwrap();
+    let dir = cg.path().to_owned();
+    fake_counters(&dir, 1, 0);
+    fake_emptied(&dir, 0);
+    cg.remove().unwrap();
+    let cg = driver.create("y", &limits).unwrap();
+    assert_eq!(cg.path(), dir);
+    assert_eq!(read(dir.join("memory.max")), "8388608\n");
+    assert_eq!(read(dir.join("pids.max")), "5\n");
+    cg.remove().unwrap();
+}
+
+#[test]
+fn v2_pool_removes_sets_still_populated_or_holding_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, mut driver) = fake_v2(tmp.path(), "memory\n");
+    driver.set_pool(4).unwrap();
+
+    let busy = driver.create("busy", &Limits::default()).unwrap();
+    let busy_dir = busy.path().to_owned();
+    fake_emptied(&busy_dir, 0);
+    write(busy_dir.join("cgroup.events"), "populated 1\nfrozen 0\n");
+    busy.remove().unwrap();
+    assert!(!busy_dir.exists());
+
+    // Charged beyond the leftover allowance, and the fake's reclaim frees nothing.
+    let full = driver.create("full", &Limits::default()).unwrap();
+    let full_dir = full.path().to_owned();
+    let charged = pool::MAX_LEFTOVER_BYTES + 1;
+    fake_emptied(&full_dir, charged);
+    full.remove().unwrap();
+    assert!(!full_dir.exists());
+}
+
+#[test]
+fn pool_capacity_is_respected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (parent, mut driver) = fake_v2(tmp.path(), "cpu\n");
+    driver.set_pool(1).unwrap();
+    let a = driver.create("a", &Limits::default()).unwrap();
+    let b = driver.create("b", &Limits::default()).unwrap();
+    assert_ne!(a.path(), b.path());
+    for cg in [&a, &b] {
+        fake_emptied(cg.path(), 0);
+        write(cg.path().join("cpu.stat"), "user_usec 0\nsystem_usec 0\n");
+    }
+    a.remove().unwrap();
+    b.remove().unwrap();
+    let pooled: Vec<_> = files(&parent)
+        .into_iter()
+        .filter(|f| f.starts_with("pool-"))
+        .collect();
+    assert_eq!(pooled.len(), 1, "{pooled:?}");
+}
+
+#[test]
+fn hybrid_pool_matches_sets_by_v1_controllers_and_resets_limits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fake = FakeHybrid::new(tmp.path(), true);
+    let mut driver = fake.driver();
+    driver.set_pool(4).unwrap();
+    let with_pids = Limits {
+        memory_bytes: Some(64 << 20),
+        pids: Some(10),
+        ..Limits::default()
+    };
+    let cg = driver.create("j1", &with_pids).unwrap();
+    let name = cg.path().file_name().unwrap().to_str().unwrap().to_owned();
+    assert_eq!(cg.join_procs().len(), 2);
+    let v2 = cg.path().to_owned();
+    write(v2.join("cpu.stat"), "user_usec 5\nsystem_usec 5\n");
+    write(v2.join("cgroup.events"), "populated 0\n");
+    let mem = fake.job("memory", &name);
+    write(mem.join("memory.usage_in_bytes"), "0\n");
+    write(
+        mem.join("memory.oom_control"),
+        "oom_kill_disable 0\noom_kill 1\n",
+    );
+    cg.remove().unwrap();
+    assert!(v2.exists() && mem.exists());
+
+    // No pids limit: a set without a pids cgroup is needed, so a new one is made.
+    let other = driver.create("j2", &Limits::default()).unwrap();
+    assert_ne!(other.path(), v2);
+    assert_eq!(other.join_procs().len(), 1);
+
+    let again = Limits {
+        memory_bytes: Some(128 << 20),
+        pids: Some(20),
+        ..Limits::default()
+    };
+    let cg = driver.create("j3", &again).unwrap();
+    assert_eq!(cg.path(), v2);
+    assert_eq!(cg.join_procs().len(), 2);
+    assert_eq!(
+        read(mem.join("memory.limit_in_bytes")),
+        "67108864\n134217728\n"
+    );
+    assert_eq!(
+        read(mem.join("memory.memsw.limit_in_bytes")),
+        "67108864\n134217728\n"
+    );
+    assert_eq!(read(fake.job("pids", &name).join("pids.max")), "10\n20\n");
+    assert_eq!(
+        read(mem.join("memory.max_usage_in_bytes")),
+        "0\n",
+        "the peak is reset at hand-out"
+    );
+    assert_eq!(
+        cg.usage().unwrap().oom_kills,
+        0,
+        "the first job's OOM kill is not ours"
+    );
+    cg.remove().unwrap();
+    other.remove().unwrap();
+    driver.set_pool(0).unwrap();
+    assert!(!v2.exists() && !mem.exists());
+}
+
 /// Tests against this host's real hierarchy at `/sys/fs/cgroup` (root only).
 mod real {
     use std::io::Write as _;
@@ -895,6 +1104,101 @@ mod real {
     }
 
     #[test]
+    fn a_pooled_set_is_reused_without_the_previous_jobs_limits_or_usage() {
+        let Some(mut driver) = driver() else { return };
+        driver.set_pool(4).unwrap();
+        let first_limits = Limits {
+            memory_bytes: Some(16 << 20),
+            pids: Some(32),
+            ..Limits::default()
+        };
+        let mut first = Cleanup(Some(driver.create("unused", &first_limits).unwrap()));
+        let cg = first.0.as_ref().unwrap();
+        assert!(cg.reusable());
+        let (path, id) = (cg.path().to_owned(), cg.id());
+        // The first job is OOM-killed and uses some CPU.
+        let mut child = gated_shell(
+            "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; \
+             exec dd if=/dev/zero of=/dev/null bs=64M count=1",
+        );
+        move_into(cg, child.0.id());
+        release(&mut child);
+        child.0.wait().unwrap();
+        drop(child);
+        let used = cg.usage().unwrap();
+        assert!(used.oom_kills >= 1 && used.cpu_user_ns > 0, "{used:?}");
+        first.0.take().unwrap().remove().unwrap();
+        assert!(path.exists(), "the emptied set is pooled");
+
+        let second_limits = Limits {
+            pids: Some(8),
+            ..Limits::default()
+        };
+        let mut second = Cleanup(Some(driver.create("unused", &second_limits).unwrap()));
+        let cg = second.0.as_ref().unwrap();
+        assert_eq!((cg.path(), cg.id()), (path.as_path(), id), "reused");
+        let name = path.file_name().unwrap().to_str().unwrap();
+        if driver.layout() == Layout::Hybrid {
+            let mem = v1_dir(V1Controller::Memory, name);
+            let unlimited = read(mem.join("memory.limit_in_bytes"));
+            assert!(
+                unlimited.trim().parse::<u64>().unwrap() > 1 << 60,
+                "{unlimited}"
+            );
+            assert_eq!(
+                read(v1_dir(V1Controller::Pids, name).join("pids.max")).trim(),
+                "8"
+            );
+        } else {
+            assert_eq!(read(path.join("memory.max")).trim(), "max");
+            assert_eq!(read(path.join("pids.max")).trim(), "8");
+        }
+        let fresh = cg.usage().unwrap();
+        assert_eq!(
+            (fresh.cpu_user_ns, fresh.cpu_system_ns, fresh.oom_kills),
+            (0, 0, 0)
+        );
+        assert!(
+            fresh
+                .memory_peak_bytes
+                .is_some_and(|p| p <= pool::MAX_LEFTOVER_BYTES),
+            "{fresh:?}"
+        );
+
+        // The second job's own usage is counted.
+        let mut child = gated_shell("i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done");
+        move_into(cg, child.0.id());
+        release(&mut child);
+        assert!(child.0.wait().unwrap().success());
+        let used = cg.usage().unwrap();
+        assert!(
+            used.cpu_user_ns + used.cpu_system_ns > 0 && used.oom_kills == 0,
+            "{used:?}"
+        );
+        second.0.take().unwrap().remove().unwrap();
+        driver.set_pool(0).unwrap();
+        assert_gone(name, driver.layout());
+    }
+
+    #[test]
+    fn detect_matches_the_mount_table() {
+        let Some(driver) = driver() else { return };
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let cgroup2_at = |dir: &str| {
+            mountinfo
+                .lines()
+                .any(|l| l.split(' ').nth(4) == Some(dir) && l.contains(" - cgroup2 "))
+        };
+        let expected = if cgroup2_at(ROOT) {
+            Layout::V2
+        } else {
+            assert!(cgroup2_at("/sys/fs/cgroup/unified"), "{mountinfo}");
+            Layout::Hybrid
+        };
+        assert_eq!(driver.layout(), expected);
+    }
+
+    #[test]
     fn check_refuses_cpus_the_host_does_not_have() {
         let Some(driver) = driver() else { return };
         let err = driver
@@ -909,4 +1213,12 @@ mod real {
             "{err}"
         );
     }
+}
+
+#[test]
+fn cgroup_sets_can_move_between_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<JobCgroup>();
+    send_sync::<V2Driver>();
+    send_sync::<HybridDriver>();
 }

@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::fs::{Backing, Dir};
+use super::pool::Pool;
 use super::{
-    Accounting, CgFile, CgroupDriver, CgroupError, CreateGuard, JobCgroup, Layout, PARENT_NAME,
-    check_name, check_values, merged_io, parse_cpus,
+    CgroupDriver, CgroupError, CreateGuard, JobCgroup, Layout, MemoryFiles, MemoryVersion,
+    PARENT_NAME, check_name, check_values, merged_io, parse_cpus,
 };
 use crate::job::{CpuList, Limits};
 
@@ -95,7 +96,10 @@ pub struct V2Driver {
     has_swap_max: bool,
     /// `memory.peak` exists (5.19+).
     has_memory_peak: bool,
+    /// `memory.peak` can be reset per open file (6.12+), which reusing a cgroup needs.
+    peak_resettable: bool,
     sys_dev_block: PathBuf,
+    pool: Option<Arc<Pool>>,
 }
 
 impl V2Driver {
@@ -141,10 +145,14 @@ impl V2Driver {
             None
         };
         let memory = enabled.contains(Controller::Memory);
+        let has_memory_peak = memory && parent.exists("memory.peak");
         Ok(V2Driver {
             root: root.to_owned(),
             has_swap_max: memory && parent.exists("memory.swap.max"),
-            has_memory_peak: memory && parent.exists("memory.peak"),
+            has_memory_peak,
+            // Before 6.12 memory.peak is read-only, and opening it for writing fails.
+            peak_resettable: has_memory_peak && parent.open_rw("memory.peak").is_ok(),
+            pool: None,
             parent: Arc::new(parent),
             available,
             enabled,
@@ -200,9 +208,10 @@ impl V2Driver {
             dir.write("cpu.max", &format!("{quota} {CPU_PERIOD_US}"))?;
         }
         if old.cores != new.cores {
-            // An empty cpuset.cpus means "the parent's CPUs" in v2.
+            // An empty cpuset.cpus means "the parent's CPUs" in v2. A zero-length write is
+            // not delivered to the kernel's handler, so the empty value is sent as a newline.
             let cpus = new.cores.as_ref().map(ToString::to_string);
-            dir.write("cpuset.cpus", cpus.as_deref().unwrap_or(""))?;
+            dir.write("cpuset.cpus", cpus.as_deref().unwrap_or("\n"))?;
         }
         if old.pids != new.pids {
             dir.write("pids.max", &max_or(new.pids))?;
@@ -266,6 +275,30 @@ impl CgroupDriver for V2Driver {
     }
 
     fn create(&self, name: &str, limits: &Limits) -> Result<JobCgroup, CgroupError> {
+        let Some(pool) = &self.pool else {
+            return self.create_new(name, limits);
+        };
+        // Every job cgroup has every enabled controller: one kind of set only.
+        let reused = pool.acquire(0, limits, |cg, old| self.write_limits(&cg.v2, old, limits));
+        match reused {
+            Some(cg) => Ok(cg),
+            None => Ok(pool.adopt(self.create_new(&pool.name(), limits)?, 0, limits)),
+        }
+    }
+
+    fn set_pool(&mut self, capacity: usize) -> Result<(), CgroupError> {
+        if capacity > 0 && self.has_memory_peak && !self.peak_resettable {
+            return Err(CgroupError::Unsupported(
+                "reusing cgroups needs a resettable memory.peak (Linux 6.12)".into(),
+            ));
+        }
+        self.pool = (capacity > 0).then(|| Pool::new(capacity));
+        Ok(())
+    }
+}
+
+impl V2Driver {
+    fn create_new(&self, name: &str, limits: &Limits) -> Result<JobCgroup, CgroupError> {
         check_name(&self.parent, name)?;
         self.parent.mkdir(name)?;
         let guard = CreateGuard {
@@ -275,19 +308,22 @@ impl CgroupDriver for V2Driver {
         let dir = self.parent.open_child(name)?;
         let id = dir.inode()?;
         self.write_limits(&dir, &Limits::default(), limits)?;
-        let memory = self.enabled.contains(Controller::Memory);
-        let accounting = Accounting {
-            memory_peak: (self.has_memory_peak)
-                .then(|| CgFile::new(&self.parent, name, "memory.peak")),
-            oom_events: memory.then(|| CgFile::new(&self.parent, name, "memory.events")),
-        };
+        let memory = self
+            .enabled
+            .contains(Controller::Memory)
+            .then(|| MemoryFiles {
+                dir: Arc::clone(&self.parent),
+                version: MemoryVersion::V2,
+                has_peak: self.has_memory_peak,
+            });
         Ok(JobCgroup {
             name: name.to_owned(),
             v2: dir,
             join_procs: Vec::new(),
             parents: guard.defuse(),
             id,
-            accounting,
+            memory,
+            reuse: None,
         })
     }
 }
