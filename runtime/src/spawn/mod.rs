@@ -114,11 +114,18 @@ pub struct RuntimeConfig {
     pub cgroup_root: PathBuf,
     /// joblet's state directory (default `/var/lib/joblet`); the job root is staged below it.
     pub state_dir: PathBuf,
+    /// How many emptied cgroup sets to keep for reuse (0: a fresh set per job). Worth it for
+    /// long-lived processes that spawn many jobs (the daemon, benchmarks); see `cgroup::pool`.
+    pub cgroup_pool: usize,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        RuntimeConfig { cgroup_root: PathBuf::from("/sys/fs/cgroup"), state_dir: default_state_dir() }
+        RuntimeConfig {
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            state_dir: default_state_dir(),
+            cgroup_pool: 0,
+        }
     }
 }
 
@@ -147,7 +154,10 @@ impl Runtime {
     /// Probes the host: cgroup layout (creating joblet's parent cgroups), the host directories
     /// of the minimal root, the staging directory under the state dir.
     pub fn new(config: &RuntimeConfig) -> Result<Runtime, SpawnError> {
-        let cgroups = crate::cgroup::detect(&config.cgroup_root)?;
+        let mut cgroups = crate::cgroup::detect(&config.cgroup_root)?;
+        if config.cgroup_pool > 0 {
+            cgroups.set_pool(config.cgroup_pool)?;
+        }
         let stage = config.state_dir.join("root");
         std::fs::create_dir_all(&stage).map_err(|e| SpawnError::Sys { op: "create the staging directory", source: e })?;
         Ok(Runtime {
@@ -532,6 +542,33 @@ impl Job {
         self.signal(Signal::KILL)
     }
 
+    /// Whether the job's PID 1 catches or blocks `signal`. The kernel drops every other signal
+    /// sent to a namespace's init (except SIGKILL/SIGSTOP), so a stop that relies on an unhandled
+    /// SIGTERM would only wait out the grace period. The pid is safe to use here: the process is
+    /// not reaped until [`Job::wait`]/[`Job::try_wait`], so its pid cannot be reused before.
+    pub fn handles(&self, signal: Signal) -> bool {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", self.pid.as_raw_nonzero())) else {
+            return false;
+        };
+        let bit = 1u64 << (signal.as_raw() - 1);
+        status.lines().any(|l| {
+            let mask = l.strip_prefix("SigCgt:\t").or_else(|| l.strip_prefix("SigBlk:\t"));
+            mask.and_then(|m| u64::from_str_radix(m.trim(), 16).ok()).is_some_and(|m| m & bit != 0)
+        })
+    }
+
+    /// Starts stopping the job with `signal`: sends it if PID 1 handles it and returns the time
+    /// at which to SIGKILL (after `grace`); kills at once otherwise.
+    fn begin_stop(&self, signal: Signal, grace: Duration) -> io::Result<Option<Instant>> {
+        if self.handles(signal) {
+            self.signal(signal)?;
+            Ok(Some(Instant::now() + grace))
+        } else {
+            self.kill()?;
+            Ok(None)
+        }
+    }
+
     /// Reaps the main process if it has exited.
     pub fn try_wait(&self) -> io::Result<Option<ExitStatus>> {
         self.wait_inner(WaitIdOptions::EXITED | WaitIdOptions::NOHANG)
@@ -678,8 +715,7 @@ pub fn supervise(job: &Job, opts: SuperviseOptions, signals: Option<&SignalForwa
             && !reason.timed_out
         {
             reason.timed_out = true;
-            job.signal(Signal::TERM)?;
-            kill_at = Some(now + opts.grace);
+            kill_at = job.begin_stop(Signal::TERM, opts.grace)?;
         }
         if let Some(k) = kill_at
             && now >= k
@@ -714,9 +750,11 @@ pub fn supervise(job: &Job, opts: SuperviseOptions, signals: Option<&SignalForwa
                     job.kill()?;
                     continue;
                 }
-                job.signal(Signal::from_named_raw(sig).unwrap_or(Signal::TERM))?;
+                let sig = Signal::from_named_raw(sig).unwrap_or(Signal::TERM);
                 if is_stop && kill_at.is_none() {
-                    kill_at = Some(Instant::now() + opts.grace);
+                    kill_at = job.begin_stop(sig, opts.grace)?;
+                } else {
+                    job.signal(sig)?;
                 }
             }
         }

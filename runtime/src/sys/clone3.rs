@@ -123,6 +123,41 @@ pub(crate) fn clone3_job(
     r
 }
 
+/// What the benchmark baseline's child runs: `execve` and nothing else.
+struct BareExec<'a> {
+    path: &'a std::ffi::CStr,
+    argv: &'a super::misc::CStringArray,
+    envp: &'a super::misc::CStringArray,
+}
+
+fn bare_exec(ctx: &BareExec<'_>) -> i32 {
+    let _ = super::misc::exec_path(ctx.path, ctx.argv, ctx.envp);
+    127
+}
+
+/// The benchmark baseline: `clone3(CLONE_VM | CLONE_VFORK | CLONE_PIDFD)` + `execve`, with no
+/// namespaces, cgroup or setup at all. Returns the pidfd.
+pub(crate) fn clone3_bare_exec(
+    stack: &mut Stack,
+    path: &std::ffi::CStr,
+    argv: &super::misc::CStringArray,
+    envp: &super::misc::CStringArray,
+) -> io::Result<OwnedFd> {
+    let mut args = CloneArgs {
+        flags: CLONE_VM | CLONE_VFORK | CLONE_PIDFD,
+        exit_signal: libc::SIGCHLD as u64,
+        ..CloneArgs::default()
+    };
+    let ctx = BareExec { path, argv, envp };
+    let mask = super::signal::block_all()?;
+    // SAFETY: `bare_exec` only calls execve on data prepared before the clone (async-signal-
+    // safe) and signals are blocked; `ctx` outlives the call (the thread is suspended until the
+    // child execs or exits).
+    let r = unsafe { clone3_vfork(&mut args, stack, &ctx, bare_exec) };
+    super::signal::restore(&mask);
+    r?.1.ok_or_else(|| io::Error::other("no pidfd returned"))
+}
+
 /// Spawns a child with `clone3(args)` on `stack`, running `run(ctx)` until it execs; if `run`
 /// returns, the child exits with the returned code.
 ///
