@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use joblet_runtime::job::{self, Bind, CpuList, DevNum, IoLimit, JobId, JobSpec, Limits, NetworkMode, Sandbox};
+use joblet_runtime::job::{
+    self, Bind, CpuList, DevNum, IoLimit, JobId, JobSpec, Limits, NetworkMode, Sandbox,
+};
 use joblet_runtime::parse;
 use rustix::thread::CapabilitySet;
 
@@ -160,10 +162,22 @@ impl RunArgs {
     pub(crate) fn to_spec(&self) -> JobSpec {
         let mut io: BTreeMap<DevNum, IoLimit> = BTreeMap::new();
         for (dev, rate) in &self.io_read_bps {
-            io.entry(*dev).or_insert(IoLimit { device: *dev, read_bps: None, write_bps: None }).read_bps = Some(*rate);
+            io.entry(*dev)
+                .or_insert(IoLimit {
+                    device: *dev,
+                    read_bps: None,
+                    write_bps: None,
+                })
+                .read_bps = Some(*rate);
         }
         for (dev, rate) in &self.io_write_bps {
-            io.entry(*dev).or_insert(IoLimit { device: *dev, read_bps: None, write_bps: None }).write_bps = Some(*rate);
+            io.entry(*dev)
+                .or_insert(IoLimit {
+                    device: *dev,
+                    read_bps: None,
+                    write_bps: None,
+                })
+                .write_bps = Some(*rate);
         }
         let (uid, gid) = self.user.unwrap_or((job::DEFAULT_UID, job::DEFAULT_GID));
         JobSpec {
@@ -192,7 +206,10 @@ impl RunArgs {
                 hostname: self.hostname.clone(),
                 uid,
                 gid,
-                caps: self.cap_add.iter().fold(CapabilitySet::empty(), |a, c| a | *c),
+                caps: self
+                    .cap_add
+                    .iter()
+                    .fold(CapabilitySet::empty(), |a, c| a | *c),
                 seccomp: !self.no_seccomp,
                 init: self.init,
             },
@@ -215,7 +232,9 @@ fn cores_arg(s: &str) -> Result<CpuList, String> {
 fn pids_arg(s: &str) -> Result<u64, String> {
     match s.parse::<u64>() {
         Ok(n) if n >= 1 => Ok(n),
-        _ => Err(format!("invalid process count {s:?}: expected a positive integer")),
+        _ => Err(format!(
+            "invalid process count {s:?}: expected a positive integer"
+        )),
     }
 }
 
@@ -266,9 +285,36 @@ mod tests {
     #[test]
     fn options_build_the_spec() {
         let r = parse_run(&[
-            "--memory", "64M", "--cpu", "50", "--cores", "0", "--pids", "10", "--io-read-bps", "8:0=1M",
-            "--io-write-bps", "8:0=2M", "--timeout", "500ms", "--user", "1000", "--cap-add", "NET_RAW", "--env",
-            "A=1", "--label", "k=v", "--name", "n", "--network", "none", "--", "sh", "-c", "true",
+            "--memory",
+            "64M",
+            "--cpu",
+            "50",
+            "--cores",
+            "0",
+            "--pids",
+            "10",
+            "--io-read-bps",
+            "8:0=1M",
+            "--io-write-bps",
+            "8:0=2M",
+            "--timeout",
+            "500ms",
+            "--user",
+            "1000",
+            "--cap-add",
+            "NET_RAW",
+            "--env",
+            "A=1",
+            "--label",
+            "k=v",
+            "--name",
+            "n",
+            "--network",
+            "none",
+            "--",
+            "sh",
+            "-c",
+            "true",
         ])
         .unwrap();
         let s = r.to_spec();
@@ -283,7 +329,10 @@ mod tests {
         assert_eq!(s.sandbox.caps, CapabilitySet::NET_RAW);
         assert_eq!(s.sandbox.network, NetworkMode::None);
         assert_eq!(s.labels.get("k").map(String::as_str), Some("v"));
-        assert_eq!(s.command, vec![OsString::from("sh"), "-c".into(), "true".into()]);
+        assert_eq!(
+            s.command,
+            vec![OsString::from("sh"), "-c".into(), "true".into()]
+        );
     }
 
     #[test]

@@ -74,11 +74,16 @@ fn cmd_run(state_dir: &Option<std::path::PathBuf>, args: &RunArgs) -> anyhow::Re
     let signals = SignalForwarder::new().context("failed to set up signal forwarding")?;
     let stdio = Stdio::inherit(args.interactive).context("failed to duplicate stdio")?;
     let job = runtime.spawn(&spec, stdio)?;
-    let opts = SuperviseOptions { timeout: spec.limits.timeout, grace: args.grace };
-    let (status, reason) = spawn::supervise(&job, opts, Some(&signals)).context("failed to supervise the job")?;
+    let opts = SuperviseOptions {
+        timeout: spec.limits.timeout,
+        grace: args.grace,
+    };
+    let (status, reason) =
+        spawn::supervise(&job, opts, Some(&signals)).context("failed to supervise the job")?;
     let record = job.finish(status, reason);
     if let Some(path) = &args.report {
-        write_report(path, &record).with_context(|| format!("failed to write the report to {}", path.display()))?;
+        write_report(path, &record)
+            .with_context(|| format!("failed to write the report to {}", path.display()))?;
     }
     if let Some(err) = &record.error {
         eprintln!("joblet: warning: job {}: {err}", record.id);

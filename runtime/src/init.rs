@@ -44,8 +44,10 @@ pub fn run(args: Vec<OsString>) -> i32 {
             return 125;
         }
     };
-    let argv: Result<Vec<CString>, _> =
-        std::iter::once(program.clone()).chain(it).map(|a| CString::new(a.into_vec())).collect();
+    let argv: Result<Vec<CString>, _> = std::iter::once(program.clone())
+        .chain(it)
+        .map(|a| CString::new(a.into_vec()))
+        .collect();
     let Ok(argv) = argv else {
         eprintln!("joblet-init: the command contains a NUL byte");
         return 125;
@@ -54,11 +56,18 @@ pub fn run(args: Vec<OsString>) -> i32 {
         Ok(pid) => Pid::from_raw(pid),
         Err(e) => {
             eprintln!("joblet-init: {}: {e}", program.to_string_lossy());
-            return if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+            return if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
         }
     };
     loop {
-        let mut fds = [rustix::event::PollFd::new(&sigfd, rustix::event::PollFlags::IN)];
+        let mut fds = [rustix::event::PollFd::new(
+            &sigfd,
+            rustix::event::PollFlags::IN,
+        )];
         let _ = rustix::event::poll(&mut fds, None);
         while let Ok(Some(sig)) = sigfd.read() {
             if sig == libc::SIGCHLD {
@@ -69,17 +78,12 @@ pub fn run(args: Vec<OsString>) -> i32 {
             }
         }
         // Reap everything that exited: the command and any orphan re-parented to us.
-        loop {
-            match rustix::process::wait(WaitOptions::NOHANG) {
-                Ok(Some((pid, status))) => {
-                    if Some(pid) == main_pid {
-                        if let Some(sig) = status.terminating_signal() {
-                            return 128 + sig;
-                        }
-                        return status.exit_status().unwrap_or(0);
-                    }
+        while let Ok(Some((pid, status))) = rustix::process::wait(WaitOptions::NOHANG) {
+            if Some(pid) == main_pid {
+                if let Some(sig) = status.terminating_signal() {
+                    return 128 + sig;
                 }
-                _ => break,
+                return status.exit_status().unwrap_or(0);
             }
         }
     }

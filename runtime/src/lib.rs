@@ -15,4 +15,6 @@ pub mod testsupport;
 
 pub use rootfs::RootfsError;
 pub use seccomp::SeccompError;
-pub use spawn::{ExitStatus, Job, Runtime, RuntimeConfig, SignalForwarder, SpawnError, Stdio, StopReason};
+pub use spawn::{
+    ExitStatus, Job, Runtime, RuntimeConfig, SignalForwarder, SpawnError, Stdio, StopReason,
+};

@@ -18,7 +18,9 @@ use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 use crate::job::{Bind, Sandbox};
 
 /// Host directories bound read-only into the minimal root (symlinks are recreated as symlinks).
-const SYSTEM_DIRS: &[&str] = &["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/usr"];
+const SYSTEM_DIRS: &[&str] = &[
+    "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/usr",
+];
 
 /// Host `/etc` entries bound read-only into the minimal root when present.
 const ETC_ENTRIES: &[&str] = &[
@@ -39,8 +41,14 @@ const PROC_READONLY: &[&str] = &["sys", "sysrq-trigger", "irq", "bus", "fs"];
 const PROC_MASKED: &[&str] = &["kcore", "timer_list", "keys"];
 
 /// Device nodes created in `/dev`: name, major, minor.
-const DEVICES: &[(&str, u32, u32)] =
-    &[("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0)];
+const DEVICES: &[(&str, u32, u32)] = &[
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
 
 /// Errors found while planning the root (bad `--rootfs` or `--bind`).
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +87,11 @@ pub(crate) enum MountOp {
     /// Make every mount private so nothing propagates to or from the host.
     MakePrivate,
     /// Mount a tmpfs.
-    Tmpfs { target: CString, data: CString, flags: MountFlags },
+    Tmpfs {
+        target: CString,
+        data: CString,
+        flags: MountFlags,
+    },
     /// Create a directory (mount point).
     Mkdir { path: CString },
     /// Create an empty file (mount point for a file bind).
@@ -87,18 +99,29 @@ pub(crate) enum MountOp {
     /// Create a symlink.
     Symlink { target: CString, link: CString },
     /// Bind mount.
-    Bind { source: CString, target: CString, recursive: bool },
+    Bind {
+        source: CString,
+        target: CString,
+        recursive: bool,
+    },
     /// Make one mount read-only (a bind remount).
     ReadOnly { target: CString, flags: MountFlags },
     /// Make a mount and everything below it read-only (`mount_setattr`), falling back to
     /// remounting each listed mount on kernels before 5.12.
-    ReadOnlyTree { target: CString, fallback: Vec<CString> },
+    ReadOnlyTree {
+        target: CString,
+        fallback: Vec<CString>,
+    },
     /// Mount a fresh procfs.
     Proc { target: CString },
     /// Mount a new devpts instance.
     Devpts { target: CString },
     /// Create a character device node.
-    Mknod { path: CString, major: u32, minor: u32 },
+    Mknod {
+        path: CString,
+        major: u32,
+        minor: u32,
+    },
     /// Enter the new root: `pivot_root(".", ".")` inside it, then detach the old root.
     PivotRoot { new_root: CString },
 }
@@ -135,22 +158,33 @@ impl MountOp {
     pub(crate) fn run(&self) -> Result<(), Errno> {
         use rustix::mount as m;
         match self {
-            MountOp::MakePrivate => {
-                m::mount_change(c"/", MountPropagationFlags::PRIVATE | MountPropagationFlags::REC)
-            }
-            MountOp::Tmpfs { target, data, flags } => m::mount(c"tmpfs", target, c"tmpfs", *flags, data.as_c_str()),
+            MountOp::MakePrivate => m::mount_change(
+                c"/",
+                MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
+            ),
+            MountOp::Tmpfs {
+                target,
+                data,
+                flags,
+            } => m::mount(c"tmpfs", target, c"tmpfs", *flags, data.as_c_str()),
             MountOp::Mkdir { path } => match rustix::fs::mkdir(path, Mode::from_raw_mode(0o755)) {
                 Err(Errno::EXIST) => Ok(()),
                 r => r,
             },
             MountOp::Touch { path } => rustix::fs::open(
                 path,
-                rustix::fs::OFlags::CREATE | rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::OFlags::CREATE
+                    | rustix::fs::OFlags::WRONLY
+                    | rustix::fs::OFlags::CLOEXEC,
                 Mode::from_raw_mode(0o644),
             )
             .map(drop),
             MountOp::Symlink { target, link } => rustix::fs::symlink(target, link),
-            MountOp::Bind { source, target, recursive } => {
+            MountOp::Bind {
+                source,
+                target,
+                recursive,
+            } => {
                 if *recursive {
                     m::mount_bind_recursive(source, target)
                 } else {
@@ -158,15 +192,17 @@ impl MountOp {
                 }
             }
             MountOp::ReadOnly { target, flags } => remount_ro(target, *flags),
-            MountOp::ReadOnlyTree { target, fallback } => match crate::sys::misc::make_tree_readonly(target) {
-                Err(Errno::NOSYS) => {
-                    for t in fallback {
-                        remount_ro(t, MountFlags::NOSUID | MountFlags::NODEV)?;
+            MountOp::ReadOnlyTree { target, fallback } => {
+                match crate::sys::misc::make_tree_readonly(target) {
+                    Err(Errno::NOSYS) => {
+                        for t in fallback {
+                            remount_ro(t, MountFlags::NOSUID | MountFlags::NODEV)?;
+                        }
+                        Ok(())
                     }
-                    Ok(())
+                    r => r,
                 }
-                r => r,
-            },
+            }
             MountOp::Proc { target } => m::mount(
                 c"proc",
                 target,
@@ -236,9 +272,18 @@ impl HostLayout {
             }
         }
         let present = |names: &[&'static str]| {
-            names.iter().copied().filter(|n| Path::new("/proc").join(n).exists()).collect()
+            names
+                .iter()
+                .copied()
+                .filter(|n| Path::new("/proc").join(n).exists())
+                .collect()
         };
-        HostLayout { system, etc, proc_readonly: present(PROC_READONLY), proc_masked: present(PROC_MASKED) }
+        HostLayout {
+            system,
+            etc,
+            proc_readonly: present(PROC_READONLY),
+            proc_masked: present(PROC_MASKED),
+        }
     }
 }
 
@@ -275,10 +320,17 @@ pub(crate) fn plan(
             });
             for (dir, link) in &host.system {
                 match link {
-                    Some(t) => ops.push(MountOp::Symlink { target: cstr(t)?, link: s(dir)? }),
+                    Some(t) => ops.push(MountOp::Symlink {
+                        target: cstr(t)?,
+                        link: s(dir)?,
+                    }),
                     None => {
                         ops.push(MountOp::Mkdir { path: s(dir)? });
-                        ops.push(MountOp::Bind { source: cstr(dir)?, target: s(dir)?, recursive: true });
+                        ops.push(MountOp::Bind {
+                            source: cstr(dir)?,
+                            target: s(dir)?,
+                            recursive: true,
+                        });
                         ro_mounts.push(s(dir)?);
                     }
                 }
@@ -288,11 +340,19 @@ pub(crate) fn plan(
                 let inner = format!("/etc/{name}");
                 let target = s(&inner)?;
                 if *is_dir {
-                    ops.push(MountOp::Mkdir { path: target.clone() });
+                    ops.push(MountOp::Mkdir {
+                        path: target.clone(),
+                    });
                 } else {
-                    ops.push(MountOp::Touch { path: target.clone() });
+                    ops.push(MountOp::Touch {
+                        path: target.clone(),
+                    });
                 }
-                ops.push(MountOp::Bind { source: cstr(&inner)?, target: target.clone(), recursive: *is_dir });
+                ops.push(MountOp::Bind {
+                    source: cstr(&inner)?,
+                    target: target.clone(),
+                    recursive: *is_dir,
+                });
                 ro_mounts.push(target);
             }
             for d in ["/tmp", "/work", "/proc", "/dev"] {
@@ -300,35 +360,65 @@ pub(crate) fn plan(
             }
         }
         Some(root) => {
-            let md = std::fs::metadata(root).map_err(|_| RootfsError::NotADirectory { path: root.clone() })?;
+            let md = std::fs::metadata(root)
+                .map_err(|_| RootfsError::NotADirectory { path: root.clone() })?;
             if !md.is_dir() {
                 return Err(RootfsError::NotADirectory { path: root.clone() });
             }
             for d in ["/tmp", "/proc", "/dev"] {
                 if !under(root, Path::new(d)).is_dir() {
-                    return Err(RootfsError::MissingMountPoint { root: root.clone(), inner: d.into() });
+                    return Err(RootfsError::MissingMountPoint {
+                        root: root.clone(),
+                        inner: d.into(),
+                    });
                 }
             }
-            ops.push(MountOp::Bind { source: cstr(root)?, target: cstr(stage)?, recursive: true });
+            ops.push(MountOp::Bind {
+                source: cstr(root)?,
+                target: cstr(stage)?,
+                recursive: true,
+            });
         }
     }
-    let has_work = sandbox.rootfs.as_ref().is_none_or(|r| r.join("work").is_dir());
+    let has_work = sandbox
+        .rootfs
+        .as_ref()
+        .is_none_or(|r| r.join("work").is_dir());
 
-    // Read-only user binds go in before the tree is made read-only; writable ones after.
-    let (ro_binds, rw_binds): (Vec<&Bind>, Vec<&Bind>) = sandbox.binds.iter().partition(|b| !b.writable);
+    // Every mount point is created while the root is writable; read-only user binds go in
+    // before the tree is made read-only, writable ones after.
+    for b in &sandbox.binds {
+        mount_point_ops(&mut ops, stage, sandbox, b)?;
+    }
+    let (ro_binds, rw_binds): (Vec<&Bind>, Vec<&Bind>) =
+        sandbox.binds.iter().partition(|b| !b.writable);
     for b in &ro_binds {
-        bind_ops(&mut ops, stage, sandbox, b)?;
+        ops.push(bind_op(stage, b)?);
         ro_mounts.push(cstr(under(stage, &b.target))?);
     }
-    ops.push(MountOp::ReadOnlyTree { target: cstr(stage)?, fallback: ro_mounts });
+    ops.push(MountOp::ReadOnlyTree {
+        target: cstr(stage)?,
+        fallback: ro_mounts,
+    });
 
     let tmp_data = |mode: &str| {
-        CString::new(format!("mode={mode},size={},nr_inodes=65536,uid={uid},gid={gid}", sandbox.tmp_size))
-            .expect("no NUL in tmpfs options")
+        CString::new(format!(
+            "mode={mode},size={},nr_inodes=65536,uid={uid},gid={gid}",
+            sandbox.tmp_size
+        ))
+        .expect("no NUL in tmpfs options")
     };
-    ops.push(MountOp::Tmpfs { target: s("/tmp")?, data: tmp_data("1777"), flags: base_flags });
+    ops.push(MountOp::Tmpfs {
+        target: s("/tmp")?,
+        data: tmp_data("1777"),
+        flags: base_flags,
+    });
     if has_work {
-        ops.push(MountOp::Tmpfs { target: s("/work")?, data: tmp_data("0755"), flags: base_flags });
+        ops.push(MountOp::Tmpfs {
+            target: s("/work")?,
+            data: tmp_data("0755"),
+            flags: base_flags,
+        });
     }
 
     // /dev before /proc: the /proc masks bind /dev/null.
@@ -338,7 +428,11 @@ pub(crate) fn plan(
         flags: MountFlags::NOSUID | MountFlags::NOEXEC,
     });
     for (name, major, minor) in DEVICES {
-        ops.push(MountOp::Mknod { path: s(&format!("/dev/{name}"))?, major: *major, minor: *minor });
+        ops.push(MountOp::Mknod {
+            path: s(&format!("/dev/{name}"))?,
+            major: *major,
+            minor: *minor,
+        });
     }
     for (link, target) in [
         ("/dev/fd", "/proc/self/fd"),
@@ -347,58 +441,114 @@ pub(crate) fn plan(
         ("/dev/stderr", "/proc/self/fd/2"),
         ("/dev/ptmx", "pts/ptmx"),
     ] {
-        ops.push(MountOp::Symlink { target: cstr(target)?, link: s(link)? });
+        ops.push(MountOp::Symlink {
+            target: cstr(target)?,
+            link: s(link)?,
+        });
     }
-    ops.push(MountOp::Mkdir { path: s("/dev/pts")? });
-    ops.push(MountOp::Mkdir { path: s("/dev/shm")? });
-    ops.push(MountOp::ReadOnly { target: s("/dev")?, flags: MountFlags::NOSUID | MountFlags::NOEXEC });
-    ops.push(MountOp::Devpts { target: s("/dev/pts")? });
+    ops.push(MountOp::Mkdir {
+        path: s("/dev/pts")?,
+    });
+    ops.push(MountOp::Mkdir {
+        path: s("/dev/shm")?,
+    });
+    ops.push(MountOp::ReadOnly {
+        target: s("/dev")?,
+        flags: MountFlags::NOSUID | MountFlags::NOEXEC,
+    });
+    ops.push(MountOp::Devpts {
+        target: s("/dev/pts")?,
+    });
     ops.push(MountOp::Tmpfs {
         target: s("/dev/shm")?,
         data: CString::new(format!("mode=1777,size={}", sandbox.tmp_size)).expect("no NUL"),
         flags: MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
     });
 
-    ops.push(MountOp::Proc { target: s("/proc")? });
+    ops.push(MountOp::Proc {
+        target: s("/proc")?,
+    });
     for p in &host.proc_readonly {
         let t = s(&format!("/proc/{p}"))?;
-        ops.push(MountOp::Bind { source: t.clone(), target: t.clone(), recursive: true });
-        ops.push(MountOp::ReadOnly { target: t, flags: MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC });
+        ops.push(MountOp::Bind {
+            source: t.clone(),
+            target: t.clone(),
+            recursive: true,
+        });
+        ops.push(MountOp::ReadOnly {
+            target: t,
+            flags: MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+        });
     }
     for p in &host.proc_masked {
-        ops.push(MountOp::Bind { source: s("/dev/null")?, target: s(&format!("/proc/{p}"))?, recursive: false });
+        ops.push(MountOp::Bind {
+            source: s("/dev/null")?,
+            target: s(&format!("/proc/{p}"))?,
+            recursive: false,
+        });
     }
 
     for b in &rw_binds {
-        bind_ops(&mut ops, stage, sandbox, b)?;
+        ops.push(bind_op(stage, b)?);
     }
-    ops.push(MountOp::PivotRoot { new_root: cstr(stage)? });
+    ops.push(MountOp::PivotRoot {
+        new_root: cstr(stage)?,
+    });
     Ok(ops)
 }
 
-/// Mount point creation (minimal root only) and the bind itself.
-fn bind_ops(ops: &mut Vec<MountOp>, stage: &Path, sandbox: &Sandbox, b: &Bind) -> Result<(), RootfsError> {
-    let md = std::fs::metadata(&b.source).map_err(|err| RootfsError::BindSource { source: b.source.clone(), err })?;
+/// Creates the mount point of a bind (minimal root), or checks it exists (`--rootfs`).
+fn mount_point_ops(
+    ops: &mut Vec<MountOp>,
+    stage: &Path,
+    sandbox: &Sandbox,
+    b: &Bind,
+) -> Result<(), RootfsError> {
+    let md = std::fs::metadata(&b.source).map_err(|err| RootfsError::BindSource {
+        source: b.source.clone(),
+        err,
+    })?;
     let target = under(stage, &b.target);
     if sandbox.rootfs.is_none() {
         // Parents first, each a directory in the (still writable) staging tmpfs.
-        let mut parents: Vec<&Path> = b.target.ancestors().skip(1).filter(|p| *p != Path::new("/")).collect();
+        let mut parents: Vec<&Path> = b
+            .target
+            .ancestors()
+            .skip(1)
+            .filter(|p| *p != Path::new("/"))
+            .collect();
         parents.reverse();
         for p in parents {
-            ops.push(MountOp::Mkdir { path: cstr(under(stage, p))? });
+            ops.push(MountOp::Mkdir {
+                path: cstr(under(stage, p))?,
+            });
         }
         if md.is_dir() {
-            ops.push(MountOp::Mkdir { path: cstr(&target)? });
+            ops.push(MountOp::Mkdir {
+                path: cstr(&target)?,
+            });
         } else {
-            ops.push(MountOp::Touch { path: cstr(&target)? });
+            ops.push(MountOp::Touch {
+                path: cstr(&target)?,
+            });
         }
     } else if let Some(root) = &sandbox.rootfs
         && !under(root, &b.target).exists()
     {
-        return Err(RootfsError::MissingMountPoint { root: root.clone(), inner: b.target.display().to_string() });
+        return Err(RootfsError::MissingMountPoint {
+            root: root.clone(),
+            inner: b.target.display().to_string(),
+        });
     }
-    ops.push(MountOp::Bind { source: cstr(&b.source)?, target: cstr(&target)?, recursive: true });
     Ok(())
+}
+
+fn bind_op(stage: &Path, b: &Bind) -> Result<MountOp, RootfsError> {
+    Ok(MountOp::Bind {
+        source: cstr(&b.source)?,
+        target: cstr(under(stage, &b.target))?,
+        recursive: true,
+    })
 }
 
 #[cfg(test)]
@@ -406,7 +556,9 @@ mod tests {
     use super::*;
 
     fn descs(ops: &[MountOp]) -> Vec<String> {
-        ops.iter().map(|o| o.describe(Path::new("/stage"))).collect()
+        ops.iter()
+            .map(|o| o.describe(Path::new("/stage")))
+            .collect()
     }
 
     #[test]
@@ -419,10 +571,15 @@ mod tests {
         };
         let mut sb = Sandbox::default();
         sb.binds.push(crate::parse::bind("/tmp:/data/in").unwrap());
-        sb.binds.push(crate::parse::bind("/tmp:/data/out:rw").unwrap());
+        sb.binds
+            .push(crate::parse::bind("/tmp:/data/out:rw").unwrap());
         let ops = plan(Path::new("/stage"), &host, &sb, 65534, 65534).unwrap();
         let d = descs(&ops);
-        let pos = |s: &str| d.iter().position(|x| x == s).unwrap_or_else(|| panic!("{s} not in {d:#?}"));
+        let pos = |s: &str| {
+            d.iter()
+                .position(|x| x == s)
+                .unwrap_or_else(|| panic!("{s} not in {d:#?}"))
+        };
         assert_eq!(d[0], "make mounts private");
         assert!(pos("bind /usr on /usr") < pos("make / read-only"));
         assert!(pos("bind /tmp on /data/in") < pos("make / read-only"));
@@ -437,9 +594,15 @@ mod tests {
 
     #[test]
     fn missing_bind_source_is_a_clear_error() {
-        let host = HostLayout { system: vec![], etc: vec![], proc_readonly: vec![], proc_masked: vec![] };
+        let host = HostLayout {
+            system: vec![],
+            etc: vec![],
+            proc_readonly: vec![],
+            proc_masked: vec![],
+        };
         let mut sb = Sandbox::default();
-        sb.binds.push(crate::parse::bind("/definitely/not/here:/x").unwrap());
+        sb.binds
+            .push(crate::parse::bind("/definitely/not/here:/x").unwrap());
         let e = plan(Path::new("/stage"), &host, &sb, 0, 0).unwrap_err();
         assert!(e.to_string().contains("/definitely/not/here"), "{e}");
     }
@@ -447,14 +610,25 @@ mod tests {
     #[test]
     fn rootfs_needs_mount_points() {
         let dir = tempfile::tempdir().unwrap();
-        let host = HostLayout { system: vec![], etc: vec![], proc_readonly: vec![], proc_masked: vec![] };
-        let sb = Sandbox { rootfs: Some(dir.path().to_owned()), ..Sandbox::default() };
+        let host = HostLayout {
+            system: vec![],
+            etc: vec![],
+            proc_readonly: vec![],
+            proc_masked: vec![],
+        };
+        let sb = Sandbox {
+            rootfs: Some(dir.path().to_owned()),
+            ..Sandbox::default()
+        };
         let e = plan(Path::new("/stage"), &host, &sb, 0, 0).unwrap_err();
         assert!(e.to_string().contains("missing /tmp"), "{e}");
         for d in ["tmp", "proc", "dev"] {
             std::fs::create_dir(dir.path().join(d)).unwrap();
         }
         let ops = plan(Path::new("/stage"), &host, &sb, 0, 0).unwrap();
-        assert!(!descs(&ops).iter().any(|d| d.contains("/work")), "no /work in this rootfs");
+        assert!(
+            !descs(&ops).iter().any(|d| d.contains("/work")),
+            "no /work in this rootfs"
+        );
     }
 }

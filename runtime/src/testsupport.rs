@@ -53,5 +53,7 @@ pub fn bare_spawn_wait(path: &std::ffi::CStr) -> std::io::Result<i32> {
         rustix::process::WaitIdOptions::EXITED,
     )?
     .ok_or_else(|| std::io::Error::other("waitid returned no status"))?;
-    Ok(st.exit_status().unwrap_or(128 + st.terminating_signal().unwrap_or(0)))
+    Ok(st
+        .exit_status()
+        .unwrap_or(128 + st.terminating_signal().unwrap_or(0)))
 }

@@ -202,7 +202,10 @@ fn setup_and_exec(plan: &ChildPlan<'_>) -> StepResult<Never> {
     at(Step::Rlimit, set_rlimits())?;
     at(Step::Stdio, setup_stdio(&plan.stdio))?;
     at(Step::CloseFds, sys::misc::cloexec_from(3))?;
-    at(Step::Workdir, rustix::process::chdir(plan.workdir.as_c_str()))?;
+    at(
+        Step::Workdir,
+        rustix::process::chdir(plan.workdir.as_c_str()),
+    )?;
 
     drop_privileges(plan)?;
 
@@ -215,10 +218,22 @@ fn setup_and_exec(plan: &ChildPlan<'_>) -> StepResult<Never> {
 
 fn set_rlimits() -> Result<(), Errno> {
     // No core dumps of jobs onto the host (core_pattern may pipe to a host helper).
-    rustix::process::setrlimit(Resource::Core, Rlimit { current: Some(0), maximum: Some(0) })?;
+    rustix::process::setrlimit(
+        Resource::Core,
+        Rlimit {
+            current: Some(0),
+            maximum: Some(0),
+        },
+    )?;
     let nofile = rustix::process::getrlimit(Resource::Nofile);
     let max = nofile.maximum.map_or(65536, |m| m.min(65536));
-    rustix::process::setrlimit(Resource::Nofile, Rlimit { current: Some(max.min(1024)), maximum: Some(max) })
+    rustix::process::setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(max.min(1024)),
+            maximum: Some(max),
+        },
+    )
 }
 
 /// Installs the three stdio fds as 0, 1, 2 without the close-on-exec flag.
@@ -277,14 +292,19 @@ fn drop_privileges(plan: &ChildPlan<'_>) -> StepResult<()> {
         Step::Capabilities,
         t::set_capabilities(
             None,
-            CapabilitySets { effective: plan.caps, permitted: plan.caps, inheritable: plan.caps },
+            CapabilitySets {
+                effective: plan.caps,
+                permitted: plan.caps,
+                inheritable: plan.caps,
+            },
         ),
     )?;
     if keep {
         for cap in 0..=CAP_LAST {
             let bit = CapabilitySet::from_bits_retain(1u64 << cap);
             if plan.caps.contains(bit) {
-                t::configure_capability_in_ambient_set(bit, true).map_err(|e| (Step::AmbientCaps, cap, e))?;
+                t::configure_capability_in_ambient_set(bit, true)
+                    .map_err(|e| (Step::AmbientCaps, cap, e))?;
             }
         }
         at(Step::KeepCaps, t::set_keep_capabilities(false))?;

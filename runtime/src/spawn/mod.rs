@@ -5,7 +5,7 @@
 //! ops, argv, envp, fds) and makes **one** `clone3` call with
 //! `CLONE_VM | CLONE_VFORK | CLONE_PIDFD | CLONE_INTO_CGROUP | CLONE_NEWPID | CLONE_NEWNS |
 //! CLONE_NEWIPC | CLONE_NEWUTS` (+ `CLONE_NEWNET` for `--network none`). The child (see
-//! [`child`]) finishes the setup and execs; the parent learns of any failure through a
+//! `child`) finishes the setup and execs; the parent learns of any failure through a
 //! close-on-exec pipe. From then on the job is known only by its pidfd ([`Job`]): signals go
 //! through `pidfd_send_signal`, the exit through `waitid(P_PIDFD)`, never through a pid that
 //! could be reused.
@@ -104,7 +104,10 @@ impl SpawnError {
 }
 
 fn sys_err(op: &'static str) -> impl FnOnce(Errno) -> SpawnError {
-    move |e| SpawnError::Sys { op, source: e.into() }
+    move |e| SpawnError::Sys {
+        op,
+        source: e.into(),
+    }
 }
 
 /// Runtime settings.
@@ -131,7 +134,9 @@ impl Default for RuntimeConfig {
 
 /// `JOBLET_STATE_DIR` or `/var/lib/joblet`.
 pub fn default_state_dir() -> PathBuf {
-    std::env::var_os("JOBLET_STATE_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib/joblet"))
+    std::env::var_os("JOBLET_STATE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/joblet"))
 }
 
 /// What is probed once per process and shared by every spawn.
@@ -159,7 +164,10 @@ impl Runtime {
             cgroups.set_pool(config.cgroup_pool)?;
         }
         let stage = config.state_dir.join("root");
-        std::fs::create_dir_all(&stage).map_err(|e| SpawnError::Sys { op: "create the staging directory", source: e })?;
+        std::fs::create_dir_all(&stage).map_err(|e| SpawnError::Sys {
+            op: "create the staging directory",
+            source: e,
+        })?;
         Ok(Runtime {
             cgroups,
             host: HostLayout::probe(),
@@ -189,7 +197,13 @@ impl Runtime {
             )));
         }
         self.cgroups.check(&spec.limits)?;
-        rootfs::plan(&self.stage, &self.host, &spec.sandbox, spec.sandbox.uid, spec.sandbox.gid)?;
+        rootfs::plan(
+            &self.stage,
+            &self.host,
+            &spec.sandbox,
+            spec.sandbox.uid,
+            spec.sandbox.gid,
+        )?;
         Ok(())
     }
 
@@ -202,23 +216,45 @@ impl Runtime {
         let sb = &spec.sandbox;
         let mounts = rootfs::plan(&self.stage, &self.host, sb, sb.uid, sb.gid)?;
         let exec = self.prepare_exec(spec)?;
-        let seccomp = if sb.seccomp { Some(crate::seccomp::default_filter()?) } else { None };
+        let seccomp = if sb.seccomp {
+            Some(crate::seccomp::default_filter()?)
+        } else {
+            None
+        };
         let stdin = match stdio.stdin {
             Some(fd) => fd,
-            None => rustix::fs::open(c"/dev/null", rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty())
-                .map_err(sys_err("open /dev/null"))?,
+            None => rustix::fs::open(
+                c"/dev/null",
+                rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .map_err(sys_err("open /dev/null"))?,
         };
         let hostname = sb.hostname.clone().unwrap_or_else(|| spec.id.to_string());
         let workdir = match &sb.workdir {
-            Some(w) => CString::new(w.as_os_str().as_bytes()).map_err(|_| SpawnError::Invalid("--workdir contains a NUL byte".into()))?,
-            None if sb.rootfs.as_ref().is_none_or(|r| r.join("work").is_dir()) => CString::from(c"/work"),
+            Some(w) => CString::new(w.as_os_str().as_bytes())
+                .map_err(|_| SpawnError::Invalid("--workdir contains a NUL byte".into()))?,
+            None if sb.rootfs.as_ref().is_none_or(|r| r.join("work").is_dir()) => {
+                CString::from(c"/work")
+            }
             None => CString::from(c"/"),
         };
 
         let cgroup = self.cgroups.create(spec.id.as_str(), &spec.limits)?;
         let started = Instant::now();
-        let started_at_ns = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-        let result = self.clone_child(spec, &cgroup, &mounts, &exec, seccomp, [stdin.as_fd(), stdio.stdout.as_fd(), stdio.stderr.as_fd()], hostname.as_bytes(), &workdir);
+        let started_at_ns = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let result = self.clone_child(
+            spec,
+            &cgroup,
+            &mounts,
+            &exec,
+            seccomp,
+            [stdin.as_fd(), stdio.stdout.as_fd(), stdio.stderr.as_fd()],
+            hostname.as_bytes(),
+            &workdir,
+        );
         match result {
             Ok((pid, pidfd, path)) => Ok(Job {
                 id: spec.id.clone(),
@@ -248,7 +284,8 @@ impl Runtime {
         hostname: &[u8],
         workdir: &CString,
     ) -> Result<(Pid, OwnedFd, &'static str), SpawnError> {
-        let (err_read, err_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(sys_err("create the error pipe"))?;
+        let (err_read, err_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+            .map_err(sys_err("create the error pipe"))?;
         let init_fd;
         let program = match &exec.init {
             true => {
@@ -288,9 +325,18 @@ impl Runtime {
                 envp: exec.envp(),
             };
             let mut args = CloneArgs {
-                flags: flags | if into_cgroup { sys::clone3::CLONE_INTO_CGROUP } else { 0 },
+                flags: flags
+                    | if into_cgroup {
+                        sys::clone3::CLONE_INTO_CGROUP
+                    } else {
+                        0
+                    },
                 exit_signal: libc::SIGCHLD as u64,
-                cgroup: if into_cgroup { rustix::fd::AsRawFd::as_raw_fd(&cgroup.clone_into_fd()) as u64 } else { 0 },
+                cgroup: if into_cgroup {
+                    rustix::fd::AsRawFd::as_raw_fd(&cgroup.clone_into_fd()) as u64
+                } else {
+                    0
+                },
                 ..CloneArgs::default()
             };
             STACK.with(|cell| -> io::Result<(i32, Option<OwnedFd>)> {
@@ -316,17 +362,33 @@ impl Runtime {
         };
         match res {
             Ok((pid, Some(pidfd))) => {
-                let pid = Pid::from_raw(pid).ok_or_else(|| SpawnError::Sys { op: "clone3", source: io::Error::other("kernel returned pid 0") })?;
+                let pid = Pid::from_raw(pid).ok_or_else(|| SpawnError::Sys {
+                    op: "clone3",
+                    source: io::Error::other("kernel returned pid 0"),
+                })?;
                 drop(err_write);
                 self.check_child(spec, err_read, pid, pidfd, path)
             }
-            Ok((_, None)) => Err(SpawnError::Sys { op: "clone3", source: io::Error::other("no pidfd returned") }),
-            Err(e) => Err(SpawnError::Sys { op: "clone3 the job", source: e }),
+            Ok((_, None)) => Err(SpawnError::Sys {
+                op: "clone3",
+                source: io::Error::other("no pidfd returned"),
+            }),
+            Err(e) => Err(SpawnError::Sys {
+                op: "clone3 the job",
+                source: e,
+            }),
         }
     }
 
     /// Reads the error pipe (the child has exec'd or exited by now): EOF means exec succeeded.
-    fn check_child(&self, spec: &JobSpec, err_read: OwnedFd, pid: Pid, pidfd: OwnedFd, path: &'static str) -> Result<(Pid, OwnedFd, &'static str), SpawnError> {
+    fn check_child(
+        &self,
+        spec: &JobSpec,
+        err_read: OwnedFd,
+        pid: Pid,
+        pidfd: OwnedFd,
+        path: &'static str,
+    ) -> Result<(Pid, OwnedFd, &'static str), SpawnError> {
         let mut buf = [0u8; Failure::SIZE];
         let n = loop {
             match rustix::io::read(&err_read, &mut buf) {
@@ -339,32 +401,66 @@ impl Runtime {
         }
         // The child failed and exited: reap it so no zombie is left.
         let _ = rustix::process::waitid(WaitId::PidFd(pidfd.as_fd()), WaitIdOptions::EXITED);
-        let failure = (n == Failure::SIZE).then(|| Failure::decode(&buf)).flatten();
+        let failure = (n == Failure::SIZE)
+            .then(|| Failure::decode(&buf))
+            .flatten();
         let Some(f) = failure else {
-            return Err(SpawnError::Setup { job: spec.id.to_string(), what: "start the job".into(), source: io::Error::other("garbled report from the child") });
+            return Err(SpawnError::Setup {
+                job: spec.id.to_string(),
+                what: "start the job".into(),
+                source: io::Error::other("garbled report from the child"),
+            });
         };
         let source = io::Error::from_raw_os_error(f.errno);
         Err(match f.step {
-            Step::Exec => SpawnError::Exec { program: spec.command[0].to_string_lossy().into_owned(), source },
+            Step::Exec => SpawnError::Exec {
+                program: spec.command[0].to_string_lossy().into_owned(),
+                source,
+            },
             Step::Mount => {
-                let mounts = rootfs::plan(&self.stage, &self.host, &spec.sandbox, spec.sandbox.uid, spec.sandbox.gid).ok();
+                let mounts = rootfs::plan(
+                    &self.stage,
+                    &self.host,
+                    &spec.sandbox,
+                    spec.sandbox.uid,
+                    spec.sandbox.gid,
+                )
+                .ok();
                 let what = mounts
                     .as_ref()
                     .and_then(|m| m.get(f.index as usize))
-                    .map_or_else(|| "set up the job's filesystem".into(), |op| op.describe(&self.stage));
-                SpawnError::Setup { job: spec.id.to_string(), what, source }
+                    .map_or_else(
+                        || "set up the job's filesystem".into(),
+                        |op| op.describe(&self.stage),
+                    );
+                SpawnError::Setup {
+                    job: spec.id.to_string(),
+                    what,
+                    source,
+                }
             }
-            step => SpawnError::Setup { job: spec.id.to_string(), what: step.describe().into(), source },
+            step => SpawnError::Setup {
+                job: spec.id.to_string(),
+                what: step.describe().into(),
+                source,
+            },
         })
     }
 
     fn init_exe(&self) -> Result<BorrowedFd<'_>, SpawnError> {
         let r = self.init_exe.get_or_init(|| {
-            rustix::fs::open(c"/proc/self/exe", rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty())
+            rustix::fs::open(
+                c"/proc/self/exe",
+                rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
         });
         match r {
             Ok(fd) => Ok(fd.as_fd()),
-            Err(e) => Err(SpawnError::Sys { op: "open joblet's own executable for --init", source: (*e).into() }),
+            Err(e) => Err(SpawnError::Sys {
+                op: "open joblet's own executable for --init",
+                source: (*e).into(),
+            }),
         }
     }
 
@@ -373,7 +469,13 @@ impl Runtime {
         let mut env: Vec<(String, String)> = vec![
             ("PATH".into(), DEFAULT_PATH.into()),
             ("HOME".into(), "/work".into()),
-            ("HOSTNAME".into(), spec.sandbox.hostname.clone().unwrap_or_else(|| spec.id.to_string())),
+            (
+                "HOSTNAME".into(),
+                spec.sandbox
+                    .hostname
+                    .clone()
+                    .unwrap_or_else(|| spec.id.to_string()),
+            ),
         ];
         if let Ok(term) = std::env::var("TERM") {
             env.push(("TERM".into(), term));
@@ -400,7 +502,10 @@ impl Runtime {
         let paths = if cmd.contains(&b'/') {
             vec![CString::new(cmd).map_err(|_| nul("the command"))?]
         } else {
-            let path = env.iter().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+            let path = env
+                .iter()
+                .find(|(k, _)| k == "PATH")
+                .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
             path.split(':')
                 .map(|d| if d.is_empty() { "." } else { d })
                 .map(|d| {
@@ -411,7 +516,12 @@ impl Runtime {
                 })
                 .collect::<Result<Vec<_>, _>>()?
         };
-        Ok(PreparedExec { paths, argv, envp, init: spec.sandbox.init })
+        Ok(PreparedExec {
+            paths,
+            argv,
+            envp,
+            init: spec.sandbox.init,
+        })
     }
 }
 
@@ -447,9 +557,14 @@ pub struct Stdio {
 impl Stdio {
     /// Duplicates this process's own stdout and stderr (and stdin if `interactive`).
     pub fn inherit(interactive: bool) -> io::Result<Stdio> {
-        let dup = |fd: BorrowedFd<'_>| rustix::io::fcntl_dupfd_cloexec(fd, 3).map_err(io::Error::from);
+        let dup =
+            |fd: BorrowedFd<'_>| rustix::io::fcntl_dupfd_cloexec(fd, 3).map_err(io::Error::from);
         Ok(Stdio {
-            stdin: if interactive { Some(dup(rustix::stdio::stdin())?) } else { None },
+            stdin: if interactive {
+                Some(dup(rustix::stdio::stdin())?)
+            } else {
+                None
+            },
             stdout: dup(rustix::stdio::stdout())?,
             stderr: dup(rustix::stdio::stderr())?,
         })
@@ -547,13 +662,18 @@ impl Job {
     /// SIGTERM would only wait out the grace period. The pid is safe to use here: the process is
     /// not reaped until [`Job::wait`]/[`Job::try_wait`], so its pid cannot be reused before.
     pub fn handles(&self, signal: Signal) -> bool {
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", self.pid.as_raw_nonzero())) else {
+        let Ok(status) =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid.as_raw_nonzero()))
+        else {
             return false;
         };
         let bit = 1u64 << (signal.as_raw() - 1);
         status.lines().any(|l| {
-            let mask = l.strip_prefix("SigCgt:\t").or_else(|| l.strip_prefix("SigBlk:\t"));
-            mask.and_then(|m| u64::from_str_radix(m.trim(), 16).ok()).is_some_and(|m| m & bit != 0)
+            let mask = l
+                .strip_prefix("SigCgt:\t")
+                .or_else(|| l.strip_prefix("SigBlk:\t"));
+            mask.and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+                .is_some_and(|m| m & bit != 0)
         })
     }
 
@@ -613,7 +733,11 @@ impl Job {
         }
         r.timed_out = reason.timed_out;
         r.stopped = reason.stopped;
-        r.state = if reason.timed_out || reason.stopped { JobState::Stopped } else { JobState::Exited };
+        r.state = if reason.timed_out || reason.stopped {
+            JobState::Stopped
+        } else {
+            JobState::Exited
+        };
         r.started_at_ns = self.started_at_ns;
         if let Some(cg) = self.cgroup.take() {
             match cg.usage() {
@@ -662,7 +786,11 @@ fn base_record(spec: &JobSpec, layout: &str, path: &str) -> JobRecord {
         id: spec.id.clone(),
         name: spec.name.clone(),
         labels: spec.labels.clone(),
-        command: spec.command.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
+        command: spec
+            .command
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect(),
         state: JobState::Running,
         exit_code: None,
         signal: None,
@@ -701,7 +829,11 @@ pub struct SuperviseOptions {
 /// SIGTERM, SIGHUP and SIGQUIT to it: the first SIGINT/SIGTERM is forwarded and starts the grace
 /// period, a second SIGINT kills the job at once. Returns the exit status and why joblet ended
 /// it, if it did.
-pub fn supervise(job: &Job, opts: SuperviseOptions, signals: Option<&SignalForwarder>) -> io::Result<(ExitStatus, StopReason)> {
+pub fn supervise(
+    job: &Job,
+    opts: SuperviseOptions,
+    signals: Option<&SignalForwarder>,
+) -> io::Result<(ExitStatus, StopReason)> {
     use rustix::event::{PollFd, PollFlags};
     let mut reason = StopReason::default();
     let deadline = opts.timeout.map(|t| job.started + t);
@@ -723,10 +855,16 @@ pub fn supervise(job: &Job, opts: SuperviseOptions, signals: Option<&SignalForwa
             job.kill()?;
             kill_at = None;
         }
-        let next = [deadline.filter(|_| !reason.timed_out), kill_at].into_iter().flatten().min();
+        let next = [deadline.filter(|_| !reason.timed_out), kill_at]
+            .into_iter()
+            .flatten()
+            .min();
         let timeout = next.map(|n| {
             let d = n.saturating_duration_since(Instant::now());
-            rustix::time::Timespec { tv_sec: d.as_secs() as i64, tv_nsec: d.subsec_nanos() as i64 }
+            rustix::time::Timespec {
+                tv_sec: d.as_secs() as i64,
+                tv_nsec: d.subsec_nanos() as i64,
+            }
         });
         let mut fds = vec![PollFd::new(&job.pidfd, PollFlags::IN)];
         if let Some(s) = signals {
@@ -774,7 +912,13 @@ pub struct SignalForwarder {
 impl SignalForwarder {
     /// Starts receiving the forwarded signals on the calling thread.
     pub fn new() -> io::Result<SignalForwarder> {
-        Ok(SignalForwarder { fd: sys::signal::SignalFd::new(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT])? })
+        Ok(SignalForwarder {
+            fd: sys::signal::SignalFd::new(&[
+                libc::SIGINT,
+                libc::SIGTERM,
+                libc::SIGHUP,
+                libc::SIGQUIT,
+            ])?,
+        })
     }
 }
-

@@ -7,7 +7,11 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use rustix::io::Errno;
 
 fn last_errno() -> Errno {
-    Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+    Errno::from_raw_os_error(
+        std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO),
+    )
 }
 
 fn check(rc: libc::c_long) -> Result<(), Errno> {
@@ -18,7 +22,14 @@ fn check(rc: libc::c_long) -> Result<(), Errno> {
 /// so nothing of joblet's leaks into a job while fds still needed before exec stay usable.
 pub(crate) fn cloexec_from(first: u32) -> Result<(), Errno> {
     // SAFETY: close_range only changes fd flags; CLOSE_RANGE_CLOEXEC closes nothing now.
-    check(unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) })
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    })
 }
 
 /// `mount_setattr(path, AT_RECURSIVE, MOUNT_ATTR_RDONLY)` (Linux 5.12): makes a mount and
@@ -33,7 +44,12 @@ pub(crate) fn make_tree_readonly(path: &CStr) -> Result<(), Errno> {
     }
     const MOUNT_ATTR_RDONLY: u64 = 1;
     const AT_RECURSIVE: libc::c_int = 0x8000;
-    let attr = MountAttr { attr_set: MOUNT_ATTR_RDONLY, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
     // SAFETY: `path` is a valid C string and `attr` a valid mount_attr of the size passed.
     check(unsafe {
         libc::syscall(
@@ -65,7 +81,10 @@ impl CStringArray {
     pub(crate) fn new(strings: Vec<CString>) -> CStringArray {
         let mut ptrs: Vec<*const c_char> = strings.iter().map(|s| s.as_ptr()).collect();
         ptrs.push(std::ptr::null());
-        CStringArray { _strings: strings, ptrs }
+        CStringArray {
+            _strings: strings,
+            ptrs,
+        }
     }
 }
 
@@ -114,9 +133,16 @@ pub(crate) fn loopback_up() -> Result<(), Errno> {
     for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
         *dst = *src as c_char;
     }
-    req.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as libc::c_short;
+    req.ifr_ifru.ifru_flags =
+        (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as libc::c_short;
     // SAFETY: SIOCSIFFLAGS reads a valid ifreq naming "lo".
-    let rc = unsafe { libc::ioctl(sock.as_fd().as_raw_fd(), libc::SIOCSIFFLAGS, &req as *const libc::ifreq) };
+    let rc = unsafe {
+        libc::ioctl(
+            sock.as_fd().as_raw_fd(),
+            libc::SIOCSIFFLAGS,
+            &req as *const libc::ifreq,
+        )
+    };
     check(rc as libc::c_long)
 }
 
@@ -124,7 +150,12 @@ pub(crate) fn loopback_up() -> Result<(), Errno> {
 /// and an empty signal mask in the child, whatever the caller blocks (the job's init blocks
 /// everything it forwards, and `std::process::Command` passes the mask on). Returns the pid.
 pub(crate) fn spawn_clean(argv: &CStringArray) -> std::io::Result<i32> {
-    let prog = argv.ptrs.first().copied().filter(|p| !p.is_null()).ok_or(std::io::ErrorKind::InvalidInput)?;
+    let prog = argv
+        .ptrs
+        .first()
+        .copied()
+        .filter(|p| !p.is_null())
+        .ok_or(std::io::ErrorKind::InvalidInput)?;
     let mut pid: libc::pid_t = 0;
     // SAFETY: the attr is initialised before use and destroyed after; `prog` and `argv` are
     // NULL-terminated C strings owned by `argv` (CStringArray's invariant); `environ` is the

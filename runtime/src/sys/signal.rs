@@ -48,7 +48,12 @@ struct KernelSigaction {
 /// In the child: sets every signal's disposition to the default and unblocks all signals.
 /// Async-signal-safe (raw syscalls only).
 pub(crate) fn child_reset_all() -> Result<(), rustix::io::Errno> {
-    let dfl = KernelSigaction { handler: 0, flags: 0, restorer: 0, mask: 0 };
+    let dfl = KernelSigaction {
+        handler: 0,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
     for sig in 1..=64 {
         if sig == libc::SIGKILL || sig == libc::SIGSTOP {
             continue;
@@ -56,7 +61,13 @@ pub(crate) fn child_reset_all() -> Result<(), rustix::io::Errno> {
         // SAFETY: rt_sigaction with a valid kernel sigaction struct and sigset size 8; setting
         // SIG_DFL cannot make any handler run.
         let rc = unsafe {
-            libc::syscall(libc::SYS_rt_sigaction, sig, &dfl as *const KernelSigaction, 0usize, 8usize)
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                &dfl as *const KernelSigaction,
+                0usize,
+                8usize,
+            )
         };
         if rc < 0 {
             return Err(last_errno());
@@ -66,7 +77,13 @@ pub(crate) fn child_reset_all() -> Result<(), rustix::io::Errno> {
     // SAFETY: rt_sigprocmask with a valid 8-byte set; unblocking is safe now that every
     // disposition is the default.
     let rc = unsafe {
-        libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &empty as *const u64, 0usize, 8usize)
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &empty as *const u64,
+            0usize,
+            8usize,
+        )
     };
     if rc < 0 {
         return Err(last_errno());
@@ -75,7 +92,11 @@ pub(crate) fn child_reset_all() -> Result<(), rustix::io::Errno> {
 }
 
 fn last_errno() -> rustix::io::Errno {
-    rustix::io::Errno::from_raw_os_error(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+    rustix::io::Errno::from_raw_os_error(
+        io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO),
+    )
 }
 
 /// A `signalfd` for a set of signals, which are blocked on the calling thread while it lives.
@@ -105,7 +126,9 @@ impl SignalFd {
             if fd < 0 {
                 return Err(io::Error::last_os_error());
             }
-            Ok(SignalFd { fd: OwnedFd::from_raw_fd(fd) })
+            Ok(SignalFd {
+                fd: OwnedFd::from_raw_fd(fd),
+            })
         }
     }
 
