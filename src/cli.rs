@@ -104,7 +104,7 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "NAME", value_parser = hostname_arg, help_heading = "Isolation")]
     pub(crate) hostname: Option<String>,
 
-    /// Run as UID[:GID]. Default: 65534:65534 (nobody). Root (0) only when asked; it still has
+    /// Run as `UID[:GID]`. Default: 65534:65534 (nobody). Root (0) only when asked; it still has
     /// no capabilities.
     #[arg(long, value_name = "UID[:GID]", value_parser = user_arg, help_heading = "Isolation")]
     pub(crate) user: Option<(u32, u32)>,
