@@ -5,5 +5,7 @@
 pub mod cgroup;
 pub mod job;
 pub mod parse;
+pub(crate) mod sys;
+pub mod telemetry;
 #[doc(hidden)]
 pub mod testsupport;
