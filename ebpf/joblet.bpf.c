@@ -182,6 +182,10 @@ static __always_inline void submit(struct joblet_event *e, bool urgent)
 
 	if (urgent || bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= WAKEUP_THRESHOLD)
 		flags = BPF_RB_FORCE_WAKEUP;
+#ifdef JOBLET_BENCH_WAKEUP_EVERY_EVENT
+	/* Benchmark variant only (docs/perf-telemetry.md): what batching saves. */
+	flags = BPF_RB_FORCE_WAKEUP;
+#endif
 	bpf_ringbuf_submit(e, flags);
 }
 
@@ -373,8 +377,13 @@ int joblet_sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
 	tid = BPF_CORE_READ(p, pid);
 	job = job_of(p, &cgid);
 	if (!job) {
-		/* It may have left a job by migration: never leak its entries. */
-		bpf_map_delete_elem(&tasks, &tid);
+		/*
+		 * It may have left a job by migration: never leak its entry. Look up first: a lookup
+		 * is lock-free, a delete takes the bucket lock even for a missing key, and almost
+		 * every exiting task on the host has no entry.
+		 */
+		if (bpf_map_lookup_elem(&tasks, &tid))
+			bpf_map_delete_elem(&tasks, &tid);
 		return 0;
 	}
 	now = bpf_ktime_get_ns();

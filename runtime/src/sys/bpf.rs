@@ -127,3 +127,42 @@ unsafe impl aya::Pod for Hist {}
 // size (asserted above) equals the sum of its fields, so it has no padding, and every bit pattern
 // is a valid value.
 unsafe impl aya::Pod for Job {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_decode_the_c_layout() {
+        let mut raw = Vec::new();
+        raw.extend_from_slice(&7u64.to_ne_bytes()); // cgroup_id
+        raw.extend_from_slice(&100u64.to_ne_bytes()); // ts_ns
+        raw.extend_from_slice(&42u64.to_ne_bytes()); // delta_ns
+        raw.extend_from_slice(&EVENT_EXIT.to_ne_bytes());
+        raw.extend_from_slice(&1234u32.to_ne_bytes()); // tgid
+        raw.extend_from_slice(&(EVENT_FLAG_LEADER | EVENT_FLAG_HAVE_DELTA).to_ne_bytes());
+        raw.extend_from_slice(&0u32.to_ne_bytes()); // _pad
+        raw.extend_from_slice(b"sleep\0\0\0\0\0\0\0\0\0\0\0");
+        assert_eq!(raw.len(), EVENT_SIZE);
+        let e = Event::parse(&raw).expect("decodes");
+        assert_eq!(
+            e,
+            Event {
+                cgroup_id: 7,
+                ts_ns: 100,
+                delta_ns: 42,
+                kind: EVENT_EXIT,
+                tgid: 1234,
+                flags: EVENT_FLAG_LEADER | EVENT_FLAG_HAVE_DELTA,
+                comm: *b"sleep\0\0\0\0\0\0\0\0\0\0\0",
+            }
+        );
+        assert_eq!(Event::parse(&raw[..EVENT_SIZE - 1]), None);
+    }
+
+    #[test]
+    fn the_zero_job_is_all_zero_bytes() {
+        assert_eq!(Job::ZERO.runq.buckets, [0; HIST_BUCKETS]);
+        assert_eq!(Job::ZERO.first_exec_ns, 0);
+    }
+}

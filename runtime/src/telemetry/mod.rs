@@ -126,6 +126,10 @@ pub struct Counters {
     pub ringbuf_drops: u64,
     /// Per-thread or per-process map updates that failed (map full).
     pub task_map_full: u64,
+    /// Ring buffer records that could not be decoded (probe and loader out of sync).
+    pub malformed_events: u64,
+    /// Times the reader thread was woken by the probes: with batching, far fewer than events.
+    pub reader_wakeups: u64,
 }
 
 /// BPF run-time statistics of one program (`kernel.bpf_stats_enabled` must be 1 for them to grow).
@@ -146,6 +150,8 @@ struct Events {
     jobs: StdHashMap<u64, Lifecycle>,
     /// Records that could not be decoded (a probe/loader layout mismatch).
     malformed: u64,
+    /// Times the reader thread was woken with records to read.
+    wakeups: u64,
 }
 
 impl Events {
@@ -155,6 +161,7 @@ impl Events {
             ring,
             jobs,
             malformed,
+            wakeups: _,
         } = self;
         while let Some(item) = ring.next() {
             let Some(event) = Event::parse(&item) else {
@@ -219,8 +226,16 @@ impl Telemetry {
     /// BTF; on kernels before 5.11 BPF memory is charged to RLIMIT_MEMLOCK, which the caller
     /// must raise. Takes tens of milliseconds (verification): do it once, off the spawn path.
     pub fn load() -> Result<Telemetry, TelemetryError> {
+        Self::load_object(PROBES)
+    }
+
+    /// [`Telemetry::load`] with another build of the probes (same maps and programs), for
+    /// benchmarks comparing variants; `object` must be 8-byte aligned
+    /// ([`aya::include_bytes_aligned`] or a `Vec<u64>`-backed buffer).
+    #[doc(hidden)]
+    pub fn load_object(object: &[u8]) -> Result<Telemetry, TelemetryError> {
         let mut ebpf = EbpfLoader::new()
-            .load(PROBES)
+            .load(object)
             .map_err(|e| TelemetryError::Load(Box::new(e)))?;
         for &(program, tracepoint) in PROGRAMS {
             let prog: &mut RawTracePoint = ebpf
@@ -284,6 +299,7 @@ impl Telemetry {
             ring,
             jobs: StdHashMap::new(),
             malformed: 0,
+            wakeups: 0,
         }));
         let reader_events = Arc::clone(&events);
         let reader = std::thread::Builder::new()
@@ -377,9 +393,12 @@ impl Telemetry {
                 .get(&index, 0)
                 .map_err(|e| TelemetryError::Counter(name, e))
         };
+        let events = self.events();
         Ok(Counters {
             ringbuf_drops: get(COUNTER_RINGBUF_DROPS, "ringbuf_drops")?,
             task_map_full: get(COUNTER_TASK_MAP_FULL, "task_map_full")?,
+            malformed_events: events.malformed,
+            reader_wakeups: events.wakeups,
         })
     }
 
@@ -420,6 +439,12 @@ impl Telemetry {
         lock_events(&self.events)
     }
 }
+
+// The API is meant to be shared between threads (a daemon's job supervisors, `joblet top`).
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Telemetry>();
+};
 
 impl std::fmt::Debug for Telemetry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -477,6 +502,8 @@ fn read_loop(epoll_fd: &OwnedFd, events: &Mutex<Events>) {
         if ready.iter().any(|e| e.data.u64() == READY_STOP) {
             return;
         }
-        lock_events(events).drain();
+        let mut events = lock_events(events);
+        events.wakeups += 1;
+        events.drain();
     }
 }
