@@ -28,13 +28,22 @@ enum {
 	ST_BLOCKED = 3, /* ts = switched out while sleeping */
 };
 
+/*
+ * Entries carry the cgroup id they were made for. Cgroup ids are not reused within a boot, so
+ * an entry whose id differs from the task's current one is stale (left by a task that exited
+ * after its job stopped being watched, its tid since recycled) and is treated as absent. That
+ * makes cleanup at exit an optimisation for watched tasks only, and the maps are LRU so stale
+ * entries are evicted under pressure instead of filling them.
+ */
 struct task_entry {
+	u64 cgid;
 	u64 ts;
 	u32 state;
 	u32 _pad;
 };
 
 struct proc_entry {
+	u64 cgid;
 	u64 fork_ns; /* 0 when the process entered the job by migration */
 	u64 exec_ns; /* 0 before its first exec in the job */
 };
@@ -53,14 +62,14 @@ struct {
 } jobs SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 32768);
 	__type(key, u32); /* tid */
 	__type(value, struct task_entry);
 } tasks SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
 	__type(key, u32); /* tgid */
 	__type(value, struct proc_entry);
@@ -83,6 +92,22 @@ static __always_inline void count(u32 which)
 	u64 *c = bpf_map_lookup_elem(&counters, &which);
 	if (c)
 		__sync_fetch_and_add(c, 1);
+}
+
+/* The thread's entry if it was made for job `cgid`. */
+static __always_inline struct task_entry *task_entry(u32 tid, u64 cgid)
+{
+	struct task_entry *te = bpf_map_lookup_elem(&tasks, &tid);
+
+	return te && te->cgid == cgid ? te : NULL;
+}
+
+/* The process's entry if it was made for job `cgid`. */
+static __always_inline struct proc_entry *proc_entry(u32 tgid, u64 cgid)
+{
+	struct proc_entry *pe = bpf_map_lookup_elem(&procs, &tgid);
+
+	return pe && pe->cgid == cgid ? pe : NULL;
 }
 
 static __always_inline u64 cgroup_of(struct task_struct *t)
@@ -153,10 +178,22 @@ static __always_inline void hist_add(struct joblet_hist *h, u64 v)
 		h->max = v;
 }
 
-static __always_inline void set_task(u32 tid, u32 state, u64 ts)
+/*
+ * Moves a thread to `state`. An existing entry is written in place: a hash update would swap in
+ * a fresh element on every context switch. The two stores are not atomic together, but a
+ * thread's transitions are serialised by the scheduler (its wakeup waits for the switch-out to
+ * finish, see p->on_cpu in try_to_wake_up), so no reader sees a half-written entry that matters.
+ */
+static __always_inline void set_task(struct task_entry *te, u32 tid, u64 cgid, u32 state,
+				     u64 ts)
 {
-	struct task_entry e = { .ts = ts, .state = state };
+	struct task_entry e = { .cgid = cgid, .ts = ts, .state = state };
 
+	if (te) {
+		te->ts = ts;
+		te->state = state;
+		return;
+	}
 	if (bpf_map_update_elem(&tasks, &tid, &e, BPF_ANY))
 		count(JOBLET_COUNTER_TASK_MAP_FULL);
 }
@@ -205,26 +242,31 @@ int joblet_sched_switch(struct bpf_raw_tracepoint_args *ctx)
 	job = job_of(prev, &cgid);
 	if (job) {
 		tid = BPF_CORE_READ(prev, pid);
-		te = bpf_map_lookup_elem(&tasks, &tid);
+		te = task_entry(tid, cgid);
 		if (te && te->state == ST_ONCPU)
 			__sync_fetch_and_add(&job->on_cpu_ns, now - te->ts);
-		/* A task's last switch, after sched_process_exit dropped its entry: keep it dropped. */
-		if (!BPF_CORE_READ(prev, exit_state)) {
+		if (BPF_CORE_READ(prev, exit_state)) {
+			/*
+			 * The task's last switch. sched_process_exit dropped its entry, but a
+			 * preemption or sleep between that tracepoint and exit_notify() may have
+			 * made a new one: drop it too, or a recycled tid would inherit it.
+			 */
+			if (te)
+				bpf_map_delete_elem(&tasks, &tid);
+		} else if (!preempt && task_state(prev) != 0) {
 			/* The kernel's own rule for nvcsw / nivcsw in __schedule(). */
-			if (!preempt && task_state(prev) != 0) {
-				__sync_fetch_and_add(&job->voluntary_switches, 1);
-				set_task(tid, ST_BLOCKED, now);
-			} else {
-				__sync_fetch_and_add(&job->involuntary_switches, 1);
-				set_task(tid, ST_RUNQ, now);
-			}
+			__sync_fetch_and_add(&job->voluntary_switches, 1);
+			set_task(te, tid, cgid, ST_BLOCKED, now);
+		} else {
+			__sync_fetch_and_add(&job->involuntary_switches, 1);
+			set_task(te, tid, cgid, ST_RUNQ, now);
 		}
 	}
 
 	job = job_of(next, &cgid);
 	if (job) {
 		tid = BPF_CORE_READ(next, pid);
-		te = bpf_map_lookup_elem(&tasks, &tid);
+		te = task_entry(tid, cgid);
 		if (te && te->ts) {
 			if (te->state == ST_RUNQ)
 				hist_add(&job->runq, now - te->ts);
@@ -232,7 +274,7 @@ int joblet_sched_switch(struct bpf_raw_tracepoint_args *ctx)
 				/* Its wakeup was missed (watch() came in between): charge the gap as off-CPU. */
 				hist_add(&job->off_cpu, now - te->ts);
 		}
-		set_task(tid, ST_ONCPU, now);
+		set_task(te, tid, cgid, ST_ONCPU, now);
 	}
 	return 0;
 }
@@ -249,7 +291,7 @@ static __always_inline int on_wakeup(struct task_struct *p)
 		return 0;
 	now = bpf_ktime_get_ns();
 	tid = BPF_CORE_READ(p, pid);
-	te = bpf_map_lookup_elem(&tasks, &tid);
+	te = task_entry(tid, cgid);
 	if (te) {
 		/* A wakeup of a task that has not switched out yet cancels its sleep: nothing waits. */
 		if (te->state == ST_ONCPU || te->state == ST_RUNQ)
@@ -257,7 +299,7 @@ static __always_inline int on_wakeup(struct task_struct *p)
 		if (te->state == ST_BLOCKED && te->ts)
 			hist_add(&job->off_cpu, now - te->ts);
 	}
-	set_task(tid, ST_RUNQ, now);
+	set_task(te, tid, cgid, ST_RUNQ, now);
 	return 0;
 }
 
@@ -291,7 +333,7 @@ int joblet_sched_process_fork(struct bpf_raw_tracepoint_args *ctx)
 	pid = BPF_CORE_READ(child, pid);
 	tgid = BPF_CORE_READ(child, tgid);
 	if (pid == tgid) {
-		struct proc_entry pe = { .fork_ns = bpf_ktime_get_ns() };
+		struct proc_entry pe = { .cgid = cgid, .fork_ns = bpf_ktime_get_ns() };
 
 		__sync_fetch_and_add(&job->forks, 1);
 		if (bpf_map_update_elem(&procs, &tgid, &pe, BPF_ANY))
@@ -328,7 +370,7 @@ int joblet_sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
 		job->leader_tgid = tgid;
 		flags |= JOBLET_EVENT_LEADER;
 	}
-	pe = bpf_map_lookup_elem(&procs, &tgid);
+	pe = proc_entry(tgid, cgid);
 	if (pe) {
 		if (pe->fork_ns && !pe->exec_ns) {
 			delta = now - pe->fork_ns;
@@ -337,14 +379,14 @@ int joblet_sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
 		pe->exec_ns = now;
 	} else {
 		/* Entered the job by migration (cgroup.procs), not by fork. */
-		struct proc_entry fresh = { .exec_ns = now };
+		struct proc_entry fresh = { .cgid = cgid, .exec_ns = now };
 
 		if (bpf_map_update_elem(&procs, &tgid, &fresh, BPF_ANY))
 			count(JOBLET_COUNTER_TASK_MAP_FULL);
 	}
 	/* The task is running: start its on-CPU interval if it was never switched in as a job task. */
-	if (!bpf_map_lookup_elem(&tasks, &tid))
-		set_task(tid, ST_ONCPU, now);
+	if (!task_entry(tid, cgid))
+		set_task(NULL, tid, cgid, ST_ONCPU, now);
 
 	e = reserve(job);
 	if (!e)
@@ -376,19 +418,12 @@ int joblet_sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
 
 	tid = BPF_CORE_READ(p, pid);
 	job = job_of(p, &cgid);
-	if (!job) {
-		/*
-		 * It may have left a job by migration: never leak its entry. Look up first: a lookup
-		 * is lock-free, a delete takes the bucket lock even for a missing key, and almost
-		 * every exiting task on the host has no entry.
-		 */
-		if (bpf_map_lookup_elem(&tasks, &tid))
-			bpf_map_delete_elem(&tasks, &tid);
+	/* Host tasks return here; entries of tasks outliving their job are stale by cgroup id. */
+	if (!job)
 		return 0;
-	}
 	now = bpf_ktime_get_ns();
 	tgid = BPF_CORE_READ(p, tgid);
-	te = bpf_map_lookup_elem(&tasks, &tid);
+	te = task_entry(tid, cgid);
 	/* Its last on-CPU stretch: the final switch-out comes after the entry is gone. */
 	if (te && te->state == ST_ONCPU)
 		__sync_fetch_and_add(&job->on_cpu_ns, now - te->ts);
@@ -398,7 +433,7 @@ int joblet_sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
 	if (BPF_CORE_READ(p, signal, live.counter) != 0)
 		return 0;
 	__sync_fetch_and_add(&job->exits, 1);
-	pe = bpf_map_lookup_elem(&procs, &tgid);
+	pe = proc_entry(tgid, cgid);
 	if (pe && pe->exec_ns) {
 		delta = now - pe->exec_ns;
 		flags |= JOBLET_EVENT_HAVE_DELTA;
