@@ -27,7 +27,8 @@ pub struct LatencyReport {
     pub voluntary_switches: u64,
     /// Switches where a runnable thread was preempted (or yielded).
     pub involuntary_switches: u64,
-    /// Processes created in the job.
+    /// Processes created in the job, including its first one when it was cloned straight into
+    /// the job's cgroup (`CLONE_INTO_CGROUP`).
     pub forks: u64,
     /// Threads created in the job (not counting processes).
     pub threads: u64,
