@@ -10,6 +10,7 @@ mod rootfs;
 mod seccomp;
 pub mod spawn;
 mod sys;
+pub mod telemetry;
 #[doc(hidden)]
 pub mod testsupport;
 

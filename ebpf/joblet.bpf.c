@@ -1,0 +1,462 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * joblet's per-job scheduler probes. Design and attribution rules: docs/design/telemetry.md.
+ *
+ * Every event is charged to the task it is about (the task that waits, runs or exits), read from
+ * the raw tracepoint's task_struct arguments, never to whichever task is current: sched_wakeup
+ * and sched_switch run in another task's context. A task belongs to a job when its cgroup v2 id
+ * (task->cgroups->dfl_cgrp->kn->id, read with CO-RE) is a key of `jobs`, which only userspace
+ * fills, so host tasks are filtered out by one hash lookup.
+ *
+ * Only raw tracepoints, CO-RE reads, the ring buffer and XADD atomics are used, so the object
+ * loads on any kernel >= 5.8 with BTF (no fentry, tp_btf or BPF atomics beyond add).
+ */
+#include "vmlinux_min.h"
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+
+#include "joblet.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* Per-thread scheduling state (values of `tasks.state`). */
+enum {
+	ST_UNKNOWN = 0, /* created at fork, not scheduled yet */
+	ST_ONCPU = 1,   /* ts = switched in */
+	ST_RUNQ = 2,    /* ts = became runnable (woken, new, or preempted) */
+	ST_BLOCKED = 3, /* ts = switched out while sleeping */
+};
+
+/*
+ * Entries carry the cgroup id they were made for. Cgroup ids are not reused within a boot, so
+ * an entry whose id differs from the task's current one is stale (left by a task that exited
+ * after its job stopped being watched, its tid since recycled) and is treated as absent. That
+ * makes cleanup at exit an optimisation for watched tasks only, and the maps are LRU so stale
+ * entries are evicted under pressure instead of filling them.
+ */
+struct task_entry {
+	u64 cgid;
+	u64 ts;
+	u32 state;
+	u32 _pad;
+};
+
+struct proc_entry {
+	u64 cgid;
+	u64 fork_ns; /* 0 when the process entered the job by migration */
+	u64 exec_ns; /* 0 before its first exec in the job */
+};
+
+/* Ring buffer size, and the amount of pending data that makes a submit wake the reader. */
+#define RINGBUF_BYTES (1 << 20)
+#define WAKEUP_THRESHOLD (RINGBUF_BYTES / 4)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	/* Only userspace inserts, so nothing is allocated in tracepoint context. */
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, u64);
+	__type(value, struct joblet_job);
+} jobs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 32768);
+	__type(key, u32); /* tid */
+	__type(value, struct task_entry);
+} tasks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, u32); /* tgid */
+	__type(value, struct proc_entry);
+} procs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, RINGBUF_BYTES);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, JOBLET_COUNTER_MAX);
+	__type(key, u32);
+	__type(value, u64);
+} counters SEC(".maps");
+
+static __always_inline void count(u32 which)
+{
+	u64 *c = bpf_map_lookup_elem(&counters, &which);
+	if (c)
+		__sync_fetch_and_add(c, 1);
+}
+
+/* The thread's entry if it was made for job `cgid`. */
+static __always_inline struct task_entry *task_entry(u32 tid, u64 cgid)
+{
+	struct task_entry *te = bpf_map_lookup_elem(&tasks, &tid);
+
+	return te && te->cgid == cgid ? te : NULL;
+}
+
+/* The process's entry if it was made for job `cgid`. */
+static __always_inline struct proc_entry *proc_entry(u32 tgid, u64 cgid)
+{
+	struct proc_entry *pe = bpf_map_lookup_elem(&procs, &tgid);
+
+	return pe && pe->cgid == cgid ? pe : NULL;
+}
+
+static __always_inline u64 cgroup_of(struct task_struct *t)
+{
+	return BPF_CORE_READ(t, cgroups, dfl_cgrp, kn, id);
+}
+
+static __always_inline struct joblet_job *job_of(struct task_struct *t, u64 *cgid)
+{
+	*cgid = cgroup_of(t);
+	return bpf_map_lookup_elem(&jobs, cgid);
+}
+
+static __always_inline long task_state(struct task_struct *t)
+{
+	if (bpf_core_field_exists(t->__state))
+		return BPF_CORE_READ(t, __state);
+	return BPF_CORE_READ((struct task_struct___pre514 *)t, state);
+}
+
+/* Branch-free floor(log2(v)) for v > 0 (the verifier dislikes unbounded loops before 5.3). */
+static __always_inline u32 log2_u32(u32 v)
+{
+	u32 r, shift;
+
+	r = (v > 0xFFFF) << 4;
+	v >>= r;
+	shift = (v > 0xFF) << 3;
+	v >>= shift;
+	r |= shift;
+	shift = (v > 0xF) << 2;
+	v >>= shift;
+	r |= shift;
+	shift = (v > 0x3) << 1;
+	v >>= shift;
+	r |= shift;
+	r |= (v >> 1);
+	return r;
+}
+
+static __always_inline u32 log2_u64(u64 v)
+{
+	u32 hi = v >> 32;
+
+	if (hi)
+		return log2_u32(hi) + 32;
+	return log2_u32((u32)v);
+}
+
+static __always_inline u32 bucket_of(u64 v)
+{
+	u32 k;
+
+	if (v < 4)
+		return (u32)v;
+	k = log2_u64(v);
+	return 4 * (k - 1) + (u32)((v >> (k - 2)) & 3);
+}
+
+static __always_inline void hist_add(struct joblet_hist *h, u64 v)
+{
+	u32 idx = bucket_of(v) & (JOBLET_HIST_BUCKETS - 1);
+
+	__sync_fetch_and_add(&h->buckets[idx], 1);
+	__sync_fetch_and_add(&h->count, 1);
+	__sync_fetch_and_add(&h->total, v);
+	if (v > h->max)
+		h->max = v;
+}
+
+/*
+ * Moves a thread to `state`. An existing entry is written in place: a hash update would swap in
+ * a fresh element on every context switch. The two stores are not atomic together, but a
+ * thread's transitions are serialised by the scheduler (its wakeup waits for the switch-out to
+ * finish, see p->on_cpu in try_to_wake_up), so no reader sees a half-written entry that matters.
+ */
+static __always_inline void set_task(struct task_entry *te, u32 tid, u64 cgid, u32 state,
+				     u64 ts)
+{
+	struct task_entry e = { .cgid = cgid, .ts = ts, .state = state };
+
+	if (te) {
+		te->ts = ts;
+		te->state = state;
+		return;
+	}
+	if (bpf_map_update_elem(&tasks, &tid, &e, BPF_ANY))
+		count(JOBLET_COUNTER_TASK_MAP_FULL);
+}
+
+/*
+ * Reserves a ring buffer record, counting a failure against the job. Records are submitted
+ * without waking the reader (BPF_RB_NO_WAKEUP) unless it matters: see submit().
+ */
+static __always_inline struct joblet_event *reserve(struct joblet_job *job)
+{
+	struct joblet_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+
+	if (!e) {
+		__sync_fetch_and_add(&job->events_lost, 1);
+		count(JOBLET_COUNTER_RINGBUF_DROPS);
+	}
+	return e;
+}
+
+static __always_inline void submit(struct joblet_event *e, bool urgent)
+{
+	u64 flags = BPF_RB_NO_WAKEUP;
+
+	if (urgent || bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= WAKEUP_THRESHOLD)
+		flags = BPF_RB_FORCE_WAKEUP;
+#ifdef JOBLET_BENCH_WAKEUP_EVERY_EVENT
+	/* Benchmark variant only (docs/perf-telemetry.md): what batching saves. */
+	flags = BPF_RB_FORCE_WAKEUP;
+#endif
+	bpf_ringbuf_submit(e, flags);
+}
+
+/* raw_tracepoint/sched_switch: (bool preempt, prev, next[, unsigned int prev_state since 5.18]) */
+SEC("raw_tracepoint/sched_switch")
+int joblet_sched_switch(struct bpf_raw_tracepoint_args *ctx)
+{
+	bool preempt = (bool)(ctx->args[0] & 0xff);
+	struct task_struct *prev = (struct task_struct *)ctx->args[1];
+	struct task_struct *next = (struct task_struct *)ctx->args[2];
+	u64 now = bpf_ktime_get_ns();
+	struct joblet_job *job;
+	struct task_entry *te;
+	u64 cgid;
+	u32 tid;
+
+	job = job_of(prev, &cgid);
+	if (job) {
+		tid = BPF_CORE_READ(prev, pid);
+		te = task_entry(tid, cgid);
+		if (te && te->state == ST_ONCPU)
+			__sync_fetch_and_add(&job->on_cpu_ns, now - te->ts);
+		if (BPF_CORE_READ(prev, exit_state)) {
+			/*
+			 * The task's last switch. sched_process_exit dropped its entry, but a
+			 * preemption or sleep between that tracepoint and exit_notify() may have
+			 * made a new one: drop it too, or a recycled tid would inherit it.
+			 */
+			if (te)
+				bpf_map_delete_elem(&tasks, &tid);
+		} else if (!preempt && task_state(prev) != 0) {
+			/* The kernel's own rule for nvcsw / nivcsw in __schedule(). */
+			__sync_fetch_and_add(&job->voluntary_switches, 1);
+			set_task(te, tid, cgid, ST_BLOCKED, now);
+		} else {
+			__sync_fetch_and_add(&job->involuntary_switches, 1);
+			set_task(te, tid, cgid, ST_RUNQ, now);
+		}
+	}
+
+	job = job_of(next, &cgid);
+	if (job) {
+		tid = BPF_CORE_READ(next, pid);
+		te = task_entry(tid, cgid);
+		if (te && te->ts) {
+			if (te->state == ST_RUNQ)
+				hist_add(&job->runq, now - te->ts);
+			else if (te->state == ST_BLOCKED)
+				/* Its wakeup was missed (watch() came in between): charge the gap as off-CPU. */
+				hist_add(&job->off_cpu, now - te->ts);
+		}
+		set_task(te, tid, cgid, ST_ONCPU, now);
+	}
+	return 0;
+}
+
+static __always_inline int on_wakeup(struct task_struct *p)
+{
+	struct joblet_job *job;
+	struct task_entry *te;
+	u64 now, cgid;
+	u32 tid;
+
+	job = job_of(p, &cgid);
+	if (!job)
+		return 0;
+	now = bpf_ktime_get_ns();
+	tid = BPF_CORE_READ(p, pid);
+	te = task_entry(tid, cgid);
+	if (te) {
+		/* A wakeup of a task that has not switched out yet cancels its sleep: nothing waits. */
+		if (te->state == ST_ONCPU || te->state == ST_RUNQ)
+			return 0;
+		if (te->state == ST_BLOCKED && te->ts)
+			hist_add(&job->off_cpu, now - te->ts);
+	}
+	set_task(te, tid, cgid, ST_RUNQ, now);
+	return 0;
+}
+
+/* raw_tracepoint/sched_wakeup: (struct task_struct *p), fired in the waker's context. */
+SEC("raw_tracepoint/sched_wakeup")
+int joblet_sched_wakeup(struct bpf_raw_tracepoint_args *ctx)
+{
+	return on_wakeup((struct task_struct *)ctx->args[0]);
+}
+
+/* raw_tracepoint/sched_wakeup_new: (struct task_struct *p), a new task's first enqueue. */
+SEC("raw_tracepoint/sched_wakeup_new")
+int joblet_sched_wakeup_new(struct bpf_raw_tracepoint_args *ctx)
+{
+	return on_wakeup((struct task_struct *)ctx->args[0]);
+}
+
+/* raw_tracepoint/sched_process_fork: (parent, child), in the parent's context. */
+SEC("raw_tracepoint/sched_process_fork")
+int joblet_sched_process_fork(struct bpf_raw_tracepoint_args *ctx)
+{
+	struct task_struct *child = (struct task_struct *)ctx->args[1];
+	struct joblet_job *job;
+	u64 cgid;
+	u32 pid, tgid;
+
+	/* The child's cgroup, not the parent's: with CLONE_INTO_CGROUP they differ. */
+	job = job_of(child, &cgid);
+	if (!job)
+		return 0;
+	pid = BPF_CORE_READ(child, pid);
+	tgid = BPF_CORE_READ(child, tgid);
+	if (pid == tgid) {
+		struct proc_entry pe = { .cgid = cgid, .fork_ns = bpf_ktime_get_ns() };
+
+		__sync_fetch_and_add(&job->forks, 1);
+		if (bpf_map_update_elem(&procs, &tgid, &pe, BPF_ANY))
+			count(JOBLET_COUNTER_TASK_MAP_FULL);
+	} else {
+		__sync_fetch_and_add(&job->threads, 1);
+	}
+	return 0;
+}
+
+/* raw_tracepoint/sched_process_exec: (p, old_pid, bprm), in p's context after the new image. */
+SEC("raw_tracepoint/sched_process_exec")
+int joblet_sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
+{
+	struct task_struct *p = (struct task_struct *)ctx->args[0];
+	struct joblet_job *job;
+	struct proc_entry *pe;
+	struct joblet_event *e;
+	u64 now, cgid;
+	u32 tid, tgid, flags = 0;
+	u64 delta = 0;
+
+	job = job_of(p, &cgid);
+	if (!job)
+		return 0;
+	now = bpf_ktime_get_ns();
+	tid = BPF_CORE_READ(p, pid);
+	tgid = BPF_CORE_READ(p, tgid);
+	__sync_fetch_and_add(&job->execs, 1);
+
+	/* Jobs start as a single process, so two first execs cannot race. */
+	if (!job->first_exec_ns) {
+		job->first_exec_ns = now;
+		job->leader_tgid = tgid;
+		flags |= JOBLET_EVENT_LEADER;
+	}
+	pe = proc_entry(tgid, cgid);
+	if (pe) {
+		if (pe->fork_ns && !pe->exec_ns) {
+			delta = now - pe->fork_ns;
+			flags |= JOBLET_EVENT_HAVE_DELTA;
+		}
+		pe->exec_ns = now;
+	} else {
+		/* Entered the job by migration (cgroup.procs), not by fork. */
+		struct proc_entry fresh = { .cgid = cgid, .exec_ns = now };
+
+		if (bpf_map_update_elem(&procs, &tgid, &fresh, BPF_ANY))
+			count(JOBLET_COUNTER_TASK_MAP_FULL);
+	}
+	/* The task is running: start its on-CPU interval if it was never switched in as a job task. */
+	if (!task_entry(tid, cgid))
+		set_task(NULL, tid, cgid, ST_ONCPU, now);
+
+	e = reserve(job);
+	if (!e)
+		return 0;
+	e->cgroup_id = cgid;
+	e->ts_ns = now;
+	e->delta_ns = delta;
+	e->kind = JOBLET_EVENT_EXEC;
+	e->tgid = tgid;
+	e->flags = flags;
+	e->_pad = 0;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	submit(e, false);
+	return 0;
+}
+
+/* raw_tracepoint/sched_process_exit: (p[, group_dead]), in the exiting thread's context. */
+SEC("raw_tracepoint/sched_process_exit")
+int joblet_sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
+{
+	struct task_struct *p = (struct task_struct *)ctx->args[0];
+	struct joblet_job *job;
+	struct task_entry *te;
+	struct proc_entry *pe;
+	struct joblet_event *e;
+	u64 now, cgid, delta = 0;
+	u32 tid, tgid, flags = 0;
+	bool leader;
+
+	tid = BPF_CORE_READ(p, pid);
+	job = job_of(p, &cgid);
+	/* Host tasks return here; entries of tasks outliving their job are stale by cgroup id. */
+	if (!job)
+		return 0;
+	now = bpf_ktime_get_ns();
+	tgid = BPF_CORE_READ(p, tgid);
+	te = task_entry(tid, cgid);
+	/* Its last on-CPU stretch: the final switch-out comes after the entry is gone. */
+	if (te && te->state == ST_ONCPU)
+		__sync_fetch_and_add(&job->on_cpu_ns, now - te->ts);
+	bpf_map_delete_elem(&tasks, &tid);
+
+	/* signal->live was decremented before this tracepoint: 0 means the whole process is gone. */
+	if (BPF_CORE_READ(p, signal, live.counter) != 0)
+		return 0;
+	__sync_fetch_and_add(&job->exits, 1);
+	pe = proc_entry(tgid, cgid);
+	if (pe && pe->exec_ns) {
+		delta = now - pe->exec_ns;
+		flags |= JOBLET_EVENT_HAVE_DELTA;
+	}
+	bpf_map_delete_elem(&procs, &tgid);
+	leader = job->first_exec_ns && tgid == job->leader_tgid;
+	if (leader) {
+		job->leader_exit_ns = now;
+		flags |= JOBLET_EVENT_LEADER;
+	}
+
+	e = reserve(job);
+	if (!e)
+		return 0;
+	e->cgroup_id = cgid;
+	e->ts_ns = now;
+	e->delta_ns = delta;
+	e->kind = JOBLET_EVENT_EXIT;
+	e->tgid = tgid;
+	e->flags = flags;
+	e->_pad = 0;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	/* The job's end is worth a wakeup: its report is waiting on it. */
+	submit(e, leader);
+	return 0;
+}

@@ -1,0 +1,73 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Structures shared between the probes (joblet.bpf.c) and their loader
+ * (runtime/src/sys/bpf.rs mirrors every one of them with #[repr(C)]; keep the two in sync).
+ * All fields are naturally aligned, with explicit padding, so the C and Rust layouts agree.
+ */
+#ifndef JOBLET_SHARED_H
+#define JOBLET_SHARED_H
+
+/*
+ * Log-linear histogram: values 0..3 have a bucket each, then every power of two [2^k, 2^(k+1))
+ * is split into 4 equal sub-buckets, so a bucket's width is at most 25% of its lower bound.
+ * Index 4*(k-1)+s for k >= 2, s = the two bits after the leading one; 252 buckets cover u64.
+ */
+#define JOBLET_HIST_BUCKETS 256
+
+struct joblet_hist {
+	__u64 total; /* sum of the recorded values, ns */
+	__u64 count;
+	__u64 max; /* updated without atomics: two CPUs racing may lose the larger value */
+	__u64 buckets[JOBLET_HIST_BUCKETS];
+};
+
+/* Value of the `jobs` map, keyed by the job's cgroup v2 id. Inserted zeroed by userspace. */
+struct joblet_job {
+	__u64 on_cpu_ns;
+	__u64 voluntary_switches;
+	__u64 involuntary_switches;
+	__u64 forks;   /* new processes created in the job */
+	__u64 threads; /* new threads created in the job */
+	__u64 execs;
+	__u64 exits; /* processes (thread groups) that exited */
+	__u64 events_lost; /* ring buffer reservations that failed */
+	__u64 first_exec_ns; /* bpf_ktime_get_ns() of the job's first exec, 0 before */
+	__u64 leader_exit_ns; /* exit of the process that made the first exec, 0 before */
+	__u32 leader_tgid;
+	__u32 _pad;
+	struct joblet_hist runq;
+	struct joblet_hist off_cpu;
+};
+
+enum joblet_event_kind {
+	JOBLET_EVENT_EXEC = 1,
+	JOBLET_EVENT_EXIT = 2,
+};
+
+enum joblet_event_flags {
+	/* The job's command: its first exec, or the exit of the process that made it. */
+	JOBLET_EVENT_LEADER = 1,
+	/* `delta_ns` is valid: fork-to-exec for an exec, exec-to-exit for an exit. */
+	JOBLET_EVENT_HAVE_DELTA = 2,
+};
+
+/* A ring buffer record. */
+struct joblet_event {
+	__u64 cgroup_id;
+	__u64 ts_ns;
+	__u64 delta_ns;
+	__u32 kind;
+	__u32 tgid;
+	__u32 flags;
+	__u32 _pad;
+	char comm[16];
+};
+
+/* Indexes of the global `counters` array. */
+enum joblet_counter {
+	JOBLET_COUNTER_RINGBUF_DROPS = 0,
+	JOBLET_COUNTER_TASK_MAP_FULL = 1,
+	JOBLET_COUNTER_MAX = 2,
+};
+
+#endif

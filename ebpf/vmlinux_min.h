@@ -1,0 +1,68 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * The few kernel types joblet's probes read, declared by hand instead of a generated vmlinux.h.
+ *
+ * Every struct carries preserve_access_index, so clang emits a CO-RE relocation for each field
+ * access: the loader (aya) looks the field up by name in the running kernel's BTF
+ * (/sys/kernel/btf/vmlinux) and patches the real offset in. The layouts below therefore only
+ * need the right field names and types, never the right offsets, and stay valid across kernels.
+ * Declaring only what is read keeps the object small and the source independent of the build
+ * machine's kernel (a generated vmlinux.h would be 3 MB and differ per kernel).
+ */
+#ifndef JOBLET_VMLINUX_MIN_H
+#define JOBLET_VMLINUX_MIN_H
+
+#include <linux/types.h>
+
+typedef __u8 u8;
+typedef __u32 u32;
+typedef __s32 s32;
+typedef __u64 u64;
+typedef __s64 s64;
+typedef _Bool bool;
+#define true 1
+#define false 0
+
+#pragma clang attribute push(__attribute__((preserve_access_index)), apply_to = record)
+
+struct kernfs_node {
+	/* u64 since 5.5 (it was a union before): the cgroup id bpf_get_current_cgroup_id() returns. */
+	u64 id;
+};
+
+struct cgroup {
+	struct kernfs_node *kn;
+};
+
+struct css_set {
+	/* The task's cgroup on the default (v2) hierarchy, also on hybrid hosts. */
+	struct cgroup *dfl_cgrp;
+};
+
+typedef struct {
+	int counter;
+} atomic_t;
+
+struct signal_struct {
+	/* Live threads of the thread group: 0 at sched_process_exit of the last one. */
+	atomic_t live;
+};
+
+struct task_struct {
+	/* Named __state since 5.14; see task_struct___pre514. */
+	unsigned int __state;
+	int exit_state;
+	s32 pid;
+	s32 tgid;
+	struct css_set *cgroups;
+	struct signal_struct *signal;
+};
+
+/* Kernels before 5.14 call the scheduler state `state` (and make it a long). */
+struct task_struct___pre514 {
+	long state;
+};
+
+#pragma clang attribute pop
+
+#endif

@@ -1,0 +1,168 @@
+//! The memory layout shared with joblet's eBPF probes: `#[repr(C)]` mirrors of the structs in
+//! `ebpf/joblet.h`, and the `aya::Pod` impls that let aya copy them in and out of BPF maps.
+//!
+//! Those impls are the only unsafe part of the telemetry: `Pod` promises that every bit pattern
+//! is a valid value and that the type has no padding the kernel could leave uninitialised. Both
+//! hold for structs of plain integers with explicit padding fields, which the size assertions
+//! below pin to the C layout (a mismatch fails the build, not the verifier).
+
+/// Buckets of a probe histogram (`JOBLET_HIST_BUCKETS`).
+pub(crate) const HIST_BUCKETS: usize = 256;
+
+/// `struct joblet_hist`: a log-linear histogram of nanoseconds, filled in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Hist {
+    pub(crate) total: u64,
+    pub(crate) count: u64,
+    pub(crate) max: u64,
+    pub(crate) buckets: [u64; HIST_BUCKETS],
+}
+
+/// `struct joblet_job`: the value of the `jobs` map, keyed by the job's cgroup v2 id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Job {
+    pub(crate) on_cpu_ns: u64,
+    pub(crate) voluntary_switches: u64,
+    pub(crate) involuntary_switches: u64,
+    pub(crate) forks: u64,
+    pub(crate) threads: u64,
+    pub(crate) execs: u64,
+    pub(crate) exits: u64,
+    pub(crate) events_lost: u64,
+    pub(crate) first_exec_ns: u64,
+    pub(crate) leader_exit_ns: u64,
+    pub(crate) leader_tgid: u32,
+    pub(crate) _pad: u32,
+    pub(crate) runq: Hist,
+    pub(crate) off_cpu: Hist,
+}
+
+impl Hist {
+    const ZERO: Hist = Hist {
+        total: 0,
+        count: 0,
+        max: 0,
+        buckets: [0; HIST_BUCKETS],
+    };
+}
+
+impl Job {
+    /// The all-zero entry `watch` inserts.
+    pub(crate) const ZERO: Job = Job {
+        on_cpu_ns: 0,
+        voluntary_switches: 0,
+        involuntary_switches: 0,
+        forks: 0,
+        threads: 0,
+        execs: 0,
+        exits: 0,
+        events_lost: 0,
+        first_exec_ns: 0,
+        leader_exit_ns: 0,
+        leader_tgid: 0,
+        _pad: 0,
+        runq: Hist::ZERO,
+        off_cpu: Hist::ZERO,
+    };
+}
+
+/// `JOBLET_EVENT_EXEC`.
+pub(crate) const EVENT_EXEC: u32 = 1;
+/// `JOBLET_EVENT_EXIT`.
+pub(crate) const EVENT_EXIT: u32 = 2;
+/// `JOBLET_EVENT_LEADER`: the job's command (first exec, or the exit of the process that made it).
+pub(crate) const EVENT_FLAG_LEADER: u32 = 1;
+/// `JOBLET_EVENT_HAVE_DELTA`: `delta_ns` is valid.
+pub(crate) const EVENT_FLAG_HAVE_DELTA: u32 = 2;
+
+/// `JOBLET_COUNTER_RINGBUF_DROPS`: index in the `counters` array.
+pub(crate) const COUNTER_RINGBUF_DROPS: u32 = 0;
+/// `JOBLET_COUNTER_TASK_MAP_FULL`.
+pub(crate) const COUNTER_TASK_MAP_FULL: u32 = 1;
+
+/// `struct joblet_event`: one ring buffer record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Event {
+    pub(crate) cgroup_id: u64,
+    pub(crate) ts_ns: u64,
+    pub(crate) delta_ns: u64,
+    pub(crate) kind: u32,
+    pub(crate) tgid: u32,
+    pub(crate) flags: u32,
+    pub(crate) comm: [u8; 16],
+}
+
+/// Size of `struct joblet_event`.
+pub(crate) const EVENT_SIZE: usize = 56;
+
+impl Event {
+    /// Decodes a ring buffer record (native endian, as the kernel wrote it); `None` when it is too
+    /// short, which only a layout mismatch between probe and loader could cause.
+    pub(crate) fn parse(raw: &[u8]) -> Option<Event> {
+        if raw.len() < EVENT_SIZE {
+            return None;
+        }
+        let u64_at = |o: usize| u64::from_ne_bytes(raw[o..o + 8].try_into().expect("8 bytes"));
+        let u32_at = |o: usize| u32::from_ne_bytes(raw[o..o + 4].try_into().expect("4 bytes"));
+        Some(Event {
+            cgroup_id: u64_at(0),
+            ts_ns: u64_at(8),
+            delta_ns: u64_at(16),
+            kind: u32_at(24),
+            tgid: u32_at(28),
+            flags: u32_at(32),
+            comm: raw[40..56].try_into().expect("16 bytes"),
+        })
+    }
+}
+
+const _: () = assert!(size_of::<Hist>() == 24 + 8 * HIST_BUCKETS);
+const _: () = assert!(size_of::<Job>() == 8 * 10 + 8 + 2 * size_of::<Hist>());
+
+// SAFETY: `Hist` is `#[repr(C)]`, made only of `u64`s (no padding, every bit pattern valid).
+unsafe impl aya::Pod for Hist {}
+// SAFETY: `Job` is `#[repr(C)]` of `u64`s, two `u32`s that together fill 8 bytes, and `Hist`s; its
+// size (asserted above) equals the sum of its fields, so it has no padding, and every bit pattern
+// is a valid value.
+unsafe impl aya::Pod for Job {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_decode_the_c_layout() {
+        let mut raw = Vec::new();
+        raw.extend_from_slice(&7u64.to_ne_bytes()); // cgroup_id
+        raw.extend_from_slice(&100u64.to_ne_bytes()); // ts_ns
+        raw.extend_from_slice(&42u64.to_ne_bytes()); // delta_ns
+        raw.extend_from_slice(&EVENT_EXIT.to_ne_bytes());
+        raw.extend_from_slice(&1234u32.to_ne_bytes()); // tgid
+        raw.extend_from_slice(&(EVENT_FLAG_LEADER | EVENT_FLAG_HAVE_DELTA).to_ne_bytes());
+        raw.extend_from_slice(&0u32.to_ne_bytes()); // _pad
+        raw.extend_from_slice(b"sleep\0\0\0\0\0\0\0\0\0\0\0");
+        assert_eq!(raw.len(), EVENT_SIZE);
+        let e = Event::parse(&raw).expect("decodes");
+        assert_eq!(
+            e,
+            Event {
+                cgroup_id: 7,
+                ts_ns: 100,
+                delta_ns: 42,
+                kind: EVENT_EXIT,
+                tgid: 1234,
+                flags: EVENT_FLAG_LEADER | EVENT_FLAG_HAVE_DELTA,
+                comm: *b"sleep\0\0\0\0\0\0\0\0\0\0\0",
+            }
+        );
+        assert_eq!(Event::parse(&raw[..EVENT_SIZE - 1]), None);
+    }
+
+    #[test]
+    fn the_zero_job_is_all_zero_bytes() {
+        assert_eq!(Job::ZERO.runq.buckets, [0; HIST_BUCKETS]);
+        assert_eq!(Job::ZERO.first_exec_ns, 0);
+    }
+}

@@ -1,0 +1,259 @@
+//! The probes' log-linear histogram buckets, and the userspace recorder that turns kernel buckets
+//! or exact values into [`Distribution`]s with `hdrhistogram` percentiles.
+//!
+//! Bucket scheme (mirrors `bucket_of` in `ebpf/joblet.bpf.c`): values 0..3 get a bucket each; each
+//! power of two `[2^k, 2^(k+1))`, k >= 2, is split into four equal sub-buckets, index
+//! `4 * (k - 1) + s`. A bucket is at most 25% as wide as its lower bound, so a percentile read
+//! from the midpoint is within 12.5% of the true value, where plain log2 buckets are within 50%.
+
+use std::collections::BTreeMap;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::sys::bpf::{HIST_BUCKETS, Hist};
+
+/// The bucket index of `v` (same function as the probes').
+pub(crate) fn bucket_of(v: u64) -> usize {
+    if v < 4 {
+        return v as usize;
+    }
+    let k = 63 - v.leading_zeros() as usize;
+    4 * (k - 1) + ((v >> (k - 2)) & 3) as usize
+}
+
+/// The half-open range `[from, to)` of bucket `idx` (`to` saturates at `u64::MAX`).
+pub(crate) fn bucket_bounds(idx: usize) -> (u64, u64) {
+    if idx < 4 {
+        return (idx as u64, idx as u64 + 1);
+    }
+    let k = idx / 4 + 1;
+    let s = (idx % 4) as u64;
+    let width = 1u64 << (k - 2);
+    let from = (4 + s) << (k - 2);
+    (from, from.saturating_add(width))
+}
+
+/// A latency distribution, in nanoseconds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Distribution {
+    /// Sum of all values (exact).
+    pub total: u64,
+    /// Number of values.
+    pub count: u64,
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Largest value (exact, but see the probes' note on concurrent updates).
+    pub max: u64,
+    /// The non-empty log-linear buckets, in increasing order.
+    pub buckets: Vec<Bucket>,
+}
+
+/// One histogram bucket: `count` values in `[from, to)` nanoseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Bucket {
+    /// Inclusive lower bound, ns.
+    pub from: u64,
+    /// Exclusive upper bound, ns.
+    pub to: u64,
+    /// Values in the bucket.
+    pub count: u64,
+}
+
+/// hdrhistogram's largest auto-resized value is below `u64::MAX`; no latency comes near this.
+const HDR_CAP: u64 = 1 << 62;
+
+/// Accumulates values, exact ones (lifecycle events) or bucketed ones (kernel histograms).
+#[derive(Debug)]
+pub(crate) struct Recorder {
+    hdr: Histogram<u64>,
+    total: u64,
+    max: u64,
+    buckets: BTreeMap<usize, u64>,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Recorder {
+            // 3 significant digits: 0.1% resolution, auto-resizing up to HDR_CAP.
+            hdr: Histogram::new(3).expect("3 significant digits is a valid hdrhistogram precision"),
+            total: 0,
+            max: 0,
+            buckets: BTreeMap::new(),
+        }
+    }
+}
+
+impl Recorder {
+    /// Records one exact value.
+    pub(crate) fn record(&mut self, v: u64) {
+        // `record`, not `saturating_record`: the latter clamps to the current (resizable) top.
+        let _ = self.hdr.record(v.min(HDR_CAP));
+        self.total = self.total.saturating_add(v);
+        self.max = self.max.max(v);
+        *self.buckets.entry(bucket_of(v)).or_default() += 1;
+    }
+
+    /// A recorder holding a kernel histogram: each bucket's values are taken at its midpoint for
+    /// the percentiles; total, count and max are the kernel's exact figures. Two refinements use
+    /// them: the top bucket ends at the exact max, and a histogram with a single non-empty bucket
+    /// is read at its exact mean (total / count).
+    pub(crate) fn from_kernel(h: &Hist) -> Recorder {
+        let mut r = Recorder::default();
+        let non_empty = h.buckets.iter().filter(|&&n| n != 0).count();
+        let max_bucket = bucket_of(h.max);
+        for (idx, &n) in h.buckets.iter().enumerate().take(HIST_BUCKETS) {
+            if n == 0 {
+                continue;
+            }
+            let (from, mut to) = bucket_bounds(idx);
+            if idx == max_bucket {
+                to = to.min(h.max.saturating_add(1));
+            }
+            let mid = if non_empty == 1 && h.count == n && n != 0 {
+                (h.total / n).clamp(from, to - 1)
+            } else {
+                from + (to - from) / 2
+            };
+            // Saturating: only fails beyond HDR_CAP, which is clamped.
+            let _ = r.hdr.record_n(mid.min(HDR_CAP), n);
+            r.buckets.insert(idx, n);
+        }
+        r.total = h.total;
+        r.max = h.max;
+        r
+    }
+
+    /// The distribution's summary. Percentiles are clamped to the exact maximum, since a bucket
+    /// midpoint can exceed it.
+    pub(crate) fn distribution(&self) -> Distribution {
+        let count = self.buckets.values().sum();
+        let q = |q: f64| {
+            if count == 0 {
+                0
+            } else {
+                self.hdr.value_at_quantile(q).min(self.max)
+            }
+        };
+        Distribution {
+            total: self.total,
+            count,
+            p50: q(0.50),
+            p90: q(0.90),
+            p99: q(0.99),
+            max: self.max,
+            buckets: self
+                .buckets
+                .iter()
+                .map(|(&idx, &count)| {
+                    let (from, to) = bucket_bounds(idx);
+                    Bucket { from, to, count }
+                })
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_tile_the_range_without_gaps() {
+        let mut expected_from = 0;
+        for idx in 0..252 {
+            let (from, to) = bucket_bounds(idx);
+            assert_eq!(from, expected_from, "bucket {idx}");
+            assert!(to > from);
+            assert_eq!(bucket_of(from), idx);
+            assert_eq!(bucket_of(to - 1), idx);
+            expected_from = to;
+        }
+        assert_eq!(bucket_of(u64::MAX), 251);
+        const { assert!(251 < HIST_BUCKETS) };
+    }
+
+    #[test]
+    fn bucket_width_is_at_most_a_quarter_of_its_start() {
+        for idx in 4..252 {
+            let (from, to) = bucket_bounds(idx);
+            assert!((to - from) * 4 <= from, "bucket {idx}: [{from}, {to})");
+        }
+    }
+
+    #[test]
+    fn exact_values_give_exact_totals_and_close_percentiles() {
+        let mut r = Recorder::default();
+        for v in 1..=1000u64 {
+            r.record(v * 1000);
+        }
+        let d = r.distribution();
+        assert_eq!(d.count, 1000);
+        assert_eq!(d.total, 1000 * 1001 / 2 * 1000);
+        assert_eq!(d.max, 1_000_000);
+        assert!(d.p50.abs_diff(500_000) <= 1_000, "p50 {}", d.p50);
+        assert!(d.p99.abs_diff(990_000) <= 2_000, "p99 {}", d.p99);
+        assert_eq!(d.buckets.iter().map(|b| b.count).sum::<u64>(), 1000);
+    }
+
+    #[test]
+    fn kernel_buckets_are_read_at_their_midpoint_and_clamped_to_max() {
+        let mut h = Hist {
+            total: 0,
+            count: 0,
+            max: 0,
+            buckets: [0; HIST_BUCKETS],
+        };
+        // 10 values of ~1 ms (bucket of 1_000_000), one of ~3 ms.
+        h.buckets[bucket_of(1_000_000)] = 10;
+        h.buckets[bucket_of(3_000_000)] = 1;
+        h.total = 10 * 1_000_000 + 3_000_000;
+        h.count = 11;
+        h.max = 3_000_000;
+        let d = Recorder::from_kernel(&h).distribution();
+        assert_eq!(d.count, 11);
+        assert_eq!(d.total, 13_000_000);
+        assert_eq!(d.buckets.len(), 2);
+        let (from, to) = bucket_bounds(bucket_of(1_000_000));
+        assert!(
+            d.p50 >= from && d.p50 < to,
+            "p50 {} not in [{from}, {to})",
+            d.p50
+        );
+        assert!(d.p99 <= 3_000_000 && d.p99 > 2_800_000, "p99 {}", d.p99);
+    }
+
+    #[test]
+    fn a_single_bucket_is_read_at_its_exact_mean() {
+        let mut h = Hist {
+            total: 400_200_000,
+            count: 2,
+            max: 200_150_000,
+            buckets: [0; HIST_BUCKETS],
+        };
+        h.buckets[bucket_of(200_100_000)] = 2;
+        let d = Recorder::from_kernel(&h).distribution();
+        assert!(d.p50.abs_diff(200_100_000) < 200_000, "p50 {}", d.p50);
+    }
+
+    #[test]
+    fn large_first_values_do_not_saturate_the_recorder() {
+        let mut r = Recorder::default();
+        r.record(15_500_000);
+        for _ in 0..10 {
+            r.record(700_000);
+        }
+        let d = r.distribution();
+        assert!(d.p50.abs_diff(700_000) < 1_000, "p50 {}", d.p50);
+        assert_eq!(d.max, 15_500_000);
+    }
+
+    #[test]
+    fn empty_distribution_is_all_zero() {
+        assert_eq!(Recorder::default().distribution(), Distribution::default());
+    }
+}

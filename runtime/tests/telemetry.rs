@@ -1,0 +1,401 @@
+//! The eBPF telemetry on the real kernel, as root: figures checked against what the jobs did and
+//! against the kernel's own per-task accounting (/proc/PID/schedstat).
+//!
+//! joblet's spawner is not used here: each test makes its own cgroup v2 under joblet's parent
+//! (`/sys/fs/cgroup/unified/joblet/<unique>` on hybrid hosts, `/sys/fs/cgroup/joblet/<unique>` on
+//! pure v2), starts `sh` outside it, and the shell moves itself in (`echo $$ > cgroup.procs`)
+//! before exec'ing the job's command. Tests share one loaded `Telemetry` (loading is per
+//! process) and are serialised, because CPU contention from one would show in another.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use joblet_runtime::telemetry::{LatencyReport, Telemetry, monotonic_ns};
+use joblet_runtime::testsupport::privileged;
+
+/// Loads the probes once for the whole test binary, and serialises the tests.
+fn telemetry() -> Option<(MutexGuard<'static, ()>, &'static Telemetry)> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    static TELEMETRY: OnceLock<Result<Telemetry, String>> = OnceLock::new();
+    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut loaded = None;
+    let ok = privileged("eBPF raw tracepoints, ring buffer and cgroup v2", || {
+        v2_root().ok_or("no cgroup v2 hierarchy found")?;
+        let t = TELEMETRY
+            .get_or_init(|| Telemetry::load().map_err(|e| format!("{:#}", anyhow_chain(&e))))
+            .as_ref()
+            .map_err(Clone::clone)?;
+        loaded = Some(t);
+        Ok(())
+    });
+    if !ok {
+        return None;
+    }
+    Some((guard, loaded.expect("loaded when privileged() passed")))
+}
+
+fn anyhow_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// The cgroup v2 mount: `unified/` on hybrid hosts, the root on pure v2.
+fn v2_root() -> Option<PathBuf> {
+    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("cgroup.procs").exists() && p.join("cgroup.max.depth").exists())
+}
+
+/// A cgroup v2 made for one test, removed on drop.
+struct TestCgroup {
+    path: PathBuf,
+    id: u64,
+}
+
+impl TestCgroup {
+    fn new(tag: &str) -> TestCgroup {
+        let parent = v2_root().expect("checked by the gate").join("joblet");
+        std::fs::create_dir_all(&parent).expect("create joblet's parent cgroup");
+        let path = parent.join(format!("telemetry-test-{}-{tag}", std::process::id()));
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        let id = std::fs::metadata(&path).expect("stat cgroup").ino();
+        TestCgroup { path, id }
+    }
+
+    fn procs(&self) -> PathBuf {
+        self.path.join("cgroup.procs")
+    }
+
+    /// `sh -c 'echo $$ > cgroup.procs; <script>'`, pinned to `cpu` if given.
+    fn spawn(&self, cpu: Option<u32>, script: &str) -> Child {
+        let full = format!("echo $$ > {}; {script}", self.procs().display());
+        let mut cmd = match cpu {
+            Some(cpu) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", &cpu.to_string(), "/bin/sh", "-c", &full]);
+                c
+            }
+            None => {
+                let mut c = Command::new("/bin/sh");
+                c.args(["-c", &full]);
+                c
+            }
+        };
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn sh")
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // The kernel may take a moment to release exited tasks from the cgroup.
+        for _ in 0..100 {
+            match std::fs::remove_dir(&self.path) {
+                Ok(()) => return,
+                Err(e) if e.raw_os_error() == Some(libc_ebusy()) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("remove {}: {e}", self.path.display()),
+            }
+        }
+        panic!("remove {}: still busy", self.path.display());
+    }
+}
+
+fn libc_ebusy() -> i32 {
+    16
+}
+
+/// A CPU hog started by the test (outside any watched cgroup), killed on drop.
+struct Hog(Child);
+
+impl Hog {
+    fn on_cpu(cpu: u32) -> Hog {
+        Hog(Command::new("taskset")
+            .args([
+                "-c",
+                &cpu.to_string(),
+                "/bin/sh",
+                "-c",
+                "while :; do :; done",
+            ])
+            .spawn()
+            .expect("spawn hog"))
+    }
+}
+
+impl Drop for Hog {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `script` as a watched job in a fresh cgroup and returns its report.
+fn run_job(t: &Telemetry, tag: &str, cpu: Option<u32>, script: &str) -> LatencyReport {
+    let cg = TestCgroup::new(tag);
+    t.watch(cg.id, monotonic_ns()).expect("watch");
+    let mut child = cg.spawn(cpu, script);
+    let status = child.wait().expect("wait job");
+    assert!(status.success(), "job {script:?} failed: {status}");
+    let report = t.finish(cg.id).expect("finish");
+    eprintln!("{tag}: {report}");
+    report
+}
+
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+#[test]
+fn a_sleeping_job_reports_its_sleep_as_off_cpu() {
+    let Some((_serial, t)) = telemetry() else {
+        return;
+    };
+    let r = run_job(t, "sleep", None, "exec sleep 0.2");
+    let off = ms(r.off_cpu_ns.total);
+    assert!(
+        (180.0..=220.0).contains(&off),
+        "off-CPU {off:.1} ms, expected 200 ms within 10%"
+    );
+    assert!(r.off_cpu_ns.max >= 180_000_000, "the sleep is one interval");
+    assert!(r.off_cpu_ns.p99 <= r.off_cpu_ns.max);
+    assert_eq!(r.execs, 1, "sleep's exec");
+    assert_eq!(r.exits, 1, "sleep's exit");
+    assert_eq!(r.forks, 0);
+    assert_eq!(r.events_lost, 0);
+    let life = ms(r.command.exec_to_exit_ns.expect("command exited"));
+    assert!((195.0..=260.0).contains(&life), "exec to exit {life:.1} ms");
+    let spawn = r.command.spawn_to_exec_ns.expect("command exec'd");
+    assert!(
+        spawn > 0 && spawn < 1_000_000_000,
+        "spawn to exec {spawn} ns"
+    );
+    assert_eq!(r.spawn_to_exec_ns.count, 1);
+    assert_eq!(r.exec_to_exit_ns.count, 1);
+    assert!(
+        r.on_cpu_ns < 50_000_000,
+        "sleep barely runs: {} ns",
+        r.on_cpu_ns
+    );
+}
+
+/// /proc/PID/schedstat: (on-CPU ns, run-queue wait ns, timeslices).
+fn schedstat(pid: u32) -> (u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).expect("read schedstat");
+    let mut f = s
+        .split_whitespace()
+        .map(|v| v.parse::<u64>().expect("number"));
+    (f.next().expect("on-cpu"), f.next().expect("run_delay"))
+}
+
+/// Busy work in the job's shell, between two checkpoints where it waits on stdin, so the test can
+/// read /proc/PID/schedstat and the probes' figures at the same two moments.
+const BUSY_BETWEEN_CHECKPOINTS: &str = "echo ready; read _; i=0; while [ $i -lt 150000 ]; do i=$((i+1)); done; echo done; read _ || true";
+
+struct Checkpointed {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Checkpointed {
+    fn start(cg: &TestCgroup, cpu: u32) -> Checkpointed {
+        let mut child = cg.spawn(Some(cpu), BUSY_BETWEEN_CHECKPOINTS);
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        Checkpointed {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    fn expect_line(&mut self, want: &str) {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("read job output");
+        assert_eq!(line.trim(), want);
+    }
+
+    fn resume(&mut self) {
+        self.stdin.write_all(b"\n").expect("resume job");
+    }
+}
+
+/// Figures of the busy phase of one job: (probe run-queue total, schedstat run_delay delta,
+/// probe on-CPU delta, schedstat on-CPU delta, probe run-queue waits), all ns.
+fn busy_phase(t: &Telemetry, tag: &str, cpu: u32) -> (u64, u64, u64, u64, u64) {
+    let cg = TestCgroup::new(tag);
+    t.watch(cg.id, monotonic_ns()).expect("watch");
+    let mut job = Checkpointed::start(&cg, cpu);
+    let pid = job.child.id();
+    job.expect_line("ready");
+    // Let the shell block in read(2): a running task's on-CPU time is only counted (by the
+    // probes and by schedstat alike) when it is switched out.
+    std::thread::sleep(Duration::from_millis(20));
+    let before = t.snapshot(cg.id).expect("snapshot");
+    let (cpu0, delay0) = schedstat(pid);
+    job.resume();
+    job.expect_line("done");
+    // Let the shell block in read(2) so its last on-CPU stretch is accounted.
+    std::thread::sleep(Duration::from_millis(20));
+    let after = t.snapshot(cg.id).expect("snapshot");
+    let (cpu1, delay1) = schedstat(pid);
+    drop(job.stdin);
+    assert!(job.child.wait().expect("wait").success());
+    let report = t.finish(cg.id).expect("finish");
+    eprintln!("{tag}: {report}");
+    (
+        after.runq_wait_ns.total - before.runq_wait_ns.total,
+        delay1 - delay0,
+        after.on_cpu_ns - before.on_cpu_ns,
+        cpu1 - cpu0,
+        after.runq_wait_ns.count - before.runq_wait_ns.count,
+    )
+}
+
+/// Agreement with the kernel's schedstat: within 5% or 2 ms, whichever is larger. Both measure
+/// the same intervals from slightly different points in the scheduler (the tracepoint vs
+/// sched_info_enqueue/dequeue), which differ by well under a microsecond per switch.
+fn agrees(probe: u64, kernel: u64) -> bool {
+    probe.abs_diff(kernel) <= (kernel / 20).max(2_000_000)
+}
+
+#[test]
+fn run_queue_waits_grow_under_contention_and_match_schedstat() {
+    let Some((_serial, t)) = telemetry() else {
+        return;
+    };
+    let cpu = 0;
+    let (alone_runq, alone_delay, alone_on, alone_kon, _) = busy_phase(t, "alone", cpu);
+    let (busy_runq, busy_delay, busy_on, busy_kon, busy_waits) = {
+        let _hogs = [Hog::on_cpu(cpu), Hog::on_cpu(cpu)];
+        // Let the hogs settle on the core.
+        std::thread::sleep(Duration::from_millis(50));
+        busy_phase(t, "contended", cpu)
+    };
+    eprintln!(
+        "alone: runq {:.2} ms (schedstat {:.2}), on-CPU {:.2} ms (schedstat {:.2})",
+        ms(alone_runq),
+        ms(alone_delay),
+        ms(alone_on),
+        ms(alone_kon)
+    );
+    eprintln!(
+        "contended: runq {:.2} ms over {busy_waits} waits (schedstat {:.2}), on-CPU {:.2} ms \
+         (schedstat {:.2})",
+        ms(busy_runq),
+        ms(busy_delay),
+        ms(busy_on),
+        ms(busy_kon)
+    );
+    // Sharing a core with two hogs, the job should wait about twice its CPU time more than alone.
+    // "Alone" is not idle on a shared CI machine (other builds also run on the core), so the
+    // bound is relative: at least half the expected increase, and at least twice the baseline.
+    assert!(
+        busy_runq > 2 * alone_runq && busy_runq - alone_runq > busy_on,
+        "contended run-queue wait {:.2} ms is not far above alone {:.2} ms (on-CPU {:.2} ms)",
+        ms(busy_runq),
+        ms(alone_runq),
+        ms(busy_on)
+    );
+    for (what, probe, kernel) in [
+        ("alone run-queue", alone_runq, alone_delay),
+        ("contended run-queue", busy_runq, busy_delay),
+        ("alone on-CPU", alone_on, alone_kon),
+        ("contended on-CPU", busy_on, busy_kon),
+    ] {
+        assert!(
+            agrees(probe, kernel),
+            "{what}: probes {:.3} ms vs schedstat {:.3} ms",
+            ms(probe),
+            ms(kernel)
+        );
+    }
+}
+
+#[test]
+fn activity_outside_the_job_never_counts() {
+    let Some((_serial, t)) = telemetry() else {
+        return;
+    };
+    let quiet = TestCgroup::new("quiet");
+    let busy = TestCgroup::new("busy");
+    t.watch(quiet.id, monotonic_ns()).expect("watch quiet");
+    t.watch(busy.id, monotonic_ns()).expect("watch busy");
+    let mut quiet_job = quiet.spawn(None, "exec sleep 0.3");
+    // Noise while the quiet job sleeps: a hog and short processes on the host, and another
+    // watched job that forks and execs.
+    let hog = Hog::on_cpu(0);
+    let mut busy_job = busy.spawn(None, "for i in 1 2 3 4 5 6 7 8 9 10; do /bin/true; done");
+    for _ in 0..20 {
+        let s = Command::new("/bin/true").status().expect("run /bin/true");
+        assert!(s.success());
+    }
+    assert!(busy_job.wait().expect("wait busy").success());
+    assert!(quiet_job.wait().expect("wait quiet").success());
+    drop(hog);
+    let q = t.finish(quiet.id).expect("finish quiet");
+    let b = t.finish(busy.id).expect("finish busy");
+    eprintln!("quiet: {q}\nbusy: {b}");
+    assert_eq!(
+        (q.forks, q.execs, q.exits),
+        (0, 1, 1),
+        "quiet job: only sleep"
+    );
+    assert!(q.voluntary_switches + q.involuntary_switches < 20);
+    assert!(q.on_cpu_ns < 50_000_000, "quiet on-CPU {} ns", q.on_cpu_ns);
+    assert_eq!((b.forks, b.execs), (10, 10), "busy job: ten /bin/true");
+    assert_eq!(b.exits, 11, "ten /bin/true and the shell");
+    assert_eq!(b.spawn_to_exec_ns.count, 10);
+    assert_eq!(b.exec_to_exit_ns.count, 10);
+    assert!(t.finish(quiet.id).is_err(), "finish forgets the job");
+}
+
+#[test]
+fn a_burst_of_short_processes_loses_no_events() {
+    let Some((_serial, t)) = telemetry() else {
+        return;
+    };
+    let drops_before = t.counters().expect("counters").ringbuf_drops;
+    let r = run_job(
+        t,
+        "burst",
+        None,
+        "i=0; while [ $i -lt 2000 ]; do /bin/true; i=$((i+1)); done",
+    );
+    assert_eq!(r.events_lost, 0);
+    assert_eq!(t.counters().expect("counters").ringbuf_drops, drops_before);
+    assert_eq!(r.forks, 2000);
+    assert_eq!(r.execs, 2000);
+    assert_eq!(r.exits, 2001);
+    assert_eq!(r.spawn_to_exec_ns.count, 2000);
+    assert_eq!(r.exec_to_exit_ns.count, 2000);
+    assert!(
+        r.runq_wait_ns.count >= 2000,
+        "every new process waits to run once"
+    );
+}
+
+#[test]
+fn unwatched_jobs_are_refused() {
+    let Some((_serial, t)) = telemetry() else {
+        return;
+    };
+    assert!(t.snapshot(u64::MAX).is_err());
+    assert!(t.finish(u64::MAX).is_err());
+    assert!(t.mark_spawn(u64::MAX, 1).is_err());
+}
