@@ -188,3 +188,44 @@ fn scratch_dirs_are_writable() {
         fs::write(file.path(), b"x").unwrap_or_else(|e| panic!("write in {}: {e}", dir.display()));
     }
 }
+
+fn find_tool(name: &str) -> Result<std::path::PathBuf, String> {
+    ["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
+        .iter()
+        .map(|dir| std::path::Path::new(dir).join(name))
+        .find(|p| p.exists())
+        .ok_or_else(|| format!("{name} (util-linux) is not installed"))
+}
+
+/// Jobs `pivot_root` into their minimal root, which the kernel refuses when `/` is the initramfs
+/// (rootfs): the guest must have switched to a real root mount. Done by util-linux in a child, so
+/// the test process's own mounts are untouched.
+#[test]
+fn root_mount_allows_pivot_root() {
+    if !testsupport::privileged("unshare and pivot_root", || {
+        find_tool("unshare")
+            .and(find_tool("pivot_root"))
+            .map(|_| ())
+    }) {
+        return;
+    }
+    let scratch = tempfile::tempdir().expect("create a scratch dir");
+    let out = std::process::Command::new(find_tool("unshare").expect("probed"))
+        .args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c"])
+        .arg(
+            "set -e; mount -t tmpfs joblet-sanity \"$1\"; mkdir \"$1/old\"; cd \"$1\"; \
+             \"$2\" . old; echo pivoted",
+        )
+        .arg("sh")
+        .arg(scratch.path())
+        .arg(find_tool("pivot_root").expect("probed"))
+        .output()
+        .expect("run unshare");
+    assert!(
+        out.status.success() && out.stdout == b"pivoted\n",
+        "pivot_root in a new mount namespace failed: {}, stdout {:?}, stderr {:?}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
