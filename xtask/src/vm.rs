@@ -133,6 +133,12 @@ impl Options {
                 other => bail!("unknown option {other:?}\n{HELP}"),
             }
         }
+        // Below this the kernel and initramfs do not fit and qemu exits silently.
+        ensure!(
+            opts.memory_mib >= 256,
+            "--memory {} is too small: the guest needs at least 256 MiB",
+            opts.memory_mib
+        );
         for arg in &opts.test_args {
             // The guest reads the arguments one per line.
             ensure!(
@@ -213,6 +219,15 @@ pub(crate) fn run(args: Vec<String>) -> Result<()> {
             "vm-test: the guest stopped before running every binary (qemu {}): see the console log",
             guest.status
         );
+        // Setup failures and panics are the usual reasons: show them without opening the log.
+        let console = fs::read_to_string(&console_log).unwrap_or_default();
+        for line in console.lines().filter(|l| {
+            l.contains("guest setup failed")
+                || l.contains("Kernel panic")
+                || l.contains("Out of memory")
+        }) {
+            eprintln!("vm-test:     console: {}", line.trim_end());
+        }
     }
     eprintln!(
         "vm-test: {} passed, {} failed",
@@ -336,10 +351,8 @@ impl Workspace {
             let manifest = msg["manifest_path"]
                 .as_str()
                 .context("cargo artifact message without manifest_path")?;
-            let id = format!("{:02}-{package}-{kind}-{target}", binaries.len())
-                .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_");
             binaries.push(TestBinary {
-                id,
+                id: format!("{package}-{kind}-{target}"),
                 name: format!("{package} {kind} {target}"),
                 exe: exe.into(),
                 cwd: Path::new(manifest)
@@ -347,6 +360,12 @@ impl Workspace {
                     .context("manifest path has no parent")?
                     .to_owned(),
             });
+        }
+        // cargo reports artifacts in build order, which varies: run in a stable order instead.
+        binaries.sort_by(|a, b| a.name.cmp(&b.name));
+        for (i, b) in binaries.iter_mut().enumerate() {
+            b.id = format!("{i:02}-{}", b.id)
+                .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_");
         }
         Ok(binaries)
     }
@@ -796,6 +815,7 @@ while IFS="$TAB" read -r id cwd exe name; do
     say "running $name"
     (
         if cd "$cwd"; then
+            "$exe" --list "$@" < /dev/null > "$R/$id.list" 2> /dev/null
             CARGO_MANIFEST_DIR="$cwd" $B timeout -s KILL "$BINARY_TIMEOUT" "$exe" \
                 --test-threads="$THREADS" "$@" < /dev/null
             echo $? > "$R/$id.status"
@@ -1020,6 +1040,8 @@ struct LibtestOutput {
     failed_names: Vec<String>,
     /// Tests libtest reported as running for over 60 s: the suspects when a binary hangs.
     slow_names: Vec<String>,
+    /// Every test with a result line (ok, FAILED, ignored).
+    finished_names: HashSet<String>,
 }
 
 /// Parses libtest's human output: `test NAME ... FAILED`, the final `failures:` list and
@@ -1058,6 +1080,11 @@ fn parse_libtest(output: &str) -> LibtestOutput {
                 }
             }
         } else if let Some(rest) = line.strip_prefix("test ") {
+            if let Some((name, _)) = rest.split_once(" ... ") {
+                parsed
+                    .finished_names
+                    .insert(name.trim_end_matches(" - should panic").to_owned());
+            }
             if let Some(name) = rest.strip_suffix(" ... FAILED") {
                 push_unique(
                     &mut parsed.failed_names,
@@ -1083,7 +1110,11 @@ struct BinaryReport {
     binary: TestBinary,
     /// Exit status; `None` when the binary never finished (guest killed or crashed).
     status: Option<i32>,
+    /// Whether the guest started it (its output file exists).
+    started: bool,
     output: LibtestOutput,
+    /// Tests `--list` named that printed no result: where a killed binary hung.
+    unfinished: Vec<String>,
 }
 
 impl BinaryReport {
@@ -1113,11 +1144,22 @@ impl Report {
         for binary in binaries {
             let read = |ext: &str| fs::read_to_string(results.join(format!("{}.{ext}", binary.id)));
             let status = read("status").ok().and_then(|s| s.trim().parse().ok());
-            let output = parse_libtest(&read("out").unwrap_or_default());
+            let output = read("out").ok();
+            let started = output.is_some();
+            let output = parse_libtest(&output.unwrap_or_default());
+            let unfinished = read("list")
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.strip_suffix(": test"))
+                .filter(|name| !output.finished_names.contains(*name))
+                .map(str::to_owned)
+                .collect();
             let report = BinaryReport {
                 binary: binary.clone(),
                 status,
+                started,
                 output,
+                unfinished,
             };
             passed += report.output.passed;
             failed += report
@@ -1149,9 +1191,10 @@ impl Report {
         for b in &self.binaries {
             let o = &b.output;
             let verdict = match b.status {
-                None => "did not finish".to_owned(),
+                None if b.started => "did not finish".to_owned(),
+                None => "not started".to_owned(),
                 Some(0) => "ok".to_owned(),
-                Some(137) => "killed (binary timeout?), status 137".to_owned(),
+                Some(137) => "KILLED (--binary-timeout or the guest's OOM killer)".to_owned(),
                 Some(code) => format!("FAILED, status {code}"),
             };
             eprintln!(
@@ -1161,11 +1204,14 @@ impl Report {
             for name in &o.failed_names {
                 eprintln!("vm-test:     FAILED {name}");
             }
-            if b.status != Some(0) {
+            if b.status != Some(0) && b.started {
                 for name in &o.slow_names {
                     eprintln!("vm-test:     ran for over 60 s: {name}");
                 }
-                if !o.finished && b.status.is_some() {
+                for name in &b.unfinished {
+                    eprintln!("vm-test:     never finished: {name}");
+                }
+                if !o.finished && b.status.is_some_and(|s| s != 137) {
                     eprintln!("vm-test:     libtest printed no result line: crash? see the output");
                 }
                 eprintln!(
@@ -1211,6 +1257,10 @@ test result: FAILED. 1 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; 
         assert!(parsed.finished);
         assert_eq!(parsed.failed_names, ["a::bad", "a::panics"]);
         assert_eq!(parsed.slow_names, ["a::slow"]);
+        let finished: HashSet<String> = ["a::ok", "a::bad", "a::panics", "a::skip"]
+            .map(String::from)
+            .into();
+        assert_eq!(parsed.finished_names, finished);
     }
 
     #[test]
@@ -1231,6 +1281,8 @@ test result: FAILED. 1 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; 
                 cwd: "/".into(),
             },
             status: Some(101),
+            started: true,
+            unfinished: Vec::new(),
             output: parse_libtest("running 1 test\n"),
         };
         assert!(report.failed_unnamed());
