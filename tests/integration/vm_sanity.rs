@@ -229,3 +229,28 @@ fn root_mount_allows_pivot_root() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// io limits name the disk holding `/` (as on a production host), so `/` must be on a real block
+/// device: in the guest, the ext4 disk the lane formats, not an overlay's anonymous device.
+#[test]
+fn root_is_on_a_block_device() {
+    use std::os::unix::fs::MetadataExt;
+    let dev = fs::metadata("/").expect("stat /").dev();
+    let sys = format!(
+        "/sys/dev/block/{}:{}",
+        rustix::fs::major(dev),
+        rustix::fs::minor(dev)
+    );
+    if !testsupport::privileged("a block device holding /", || {
+        fs::metadata(&sys)
+            .map(|_| ())
+            .map_err(|e| format!("{sys}: {e}"))
+    }) {
+        return;
+    }
+    let numbers = fs::read_to_string(format!("{sys}/dev")).expect("read the device number");
+    assert_eq!(
+        numbers.trim(),
+        format!("{}:{}", rustix::fs::major(dev), rustix::fs::minor(dev))
+    );
+}

@@ -36,17 +36,34 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 
 /// The apt packages the lane needs on the host, each with a file that proves it installed.
-const HOST_PACKAGES: [(&str, &str); 3] = [
+const HOST_PACKAGES: [(&str, &str); 4] = [
     ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
     ("busybox-static", "/bin/busybox"),
     ("kmod", "/sbin/depmod"),
+    ("e2fsprogs", "/sbin/mkfs.ext4"),
 ];
 
 /// The Debian metapackage whose dependency names the current 6.1 kernel image of this release.
 const KERNEL_METAPACKAGE: &str = "linux-image-amd64";
 
-/// Kernel modules the guest loads from its initramfs (their dependencies come along).
-const GUEST_MODULES: [&str; 4] = ["virtio_pci", "9pnet_virtio", "9p", "overlay"];
+/// Kernel modules the guest loads from its initramfs, in order (their modules.dep dependencies
+/// come along; soft dependencies do not, hence crc32c_generic, which ext4 needs to mount).
+const GUEST_MODULES: [&str; 7] = [
+    "virtio_pci",
+    "virtio_blk",
+    "crc32c_generic",
+    "ext4",
+    "9pnet_virtio",
+    "9p",
+    "overlay",
+];
+
+/// Size of the guest's root disk (a sparse file, formatted ext4 afresh on every run).
+const DISK_SIZE: u64 = 8 << 30;
+
+/// Top-level host directories the guest does not take from the host: it mounts its own
+/// (`proc`, `sys`, `dev`, `run`, `tmp`) or has no use for them.
+const HOST_DIRS_SKIPPED: &str = "proc sys dev run tmp mnt media boot lost+found";
 
 /// Where the static busybox lives once `busybox-static` is installed.
 const BUSYBOX: &str = "/bin/busybox";
@@ -193,6 +210,8 @@ pub(crate) fn run(args: Vec<String>) -> Result<()> {
     let initramfs = run_dir.join("initramfs.cpio");
     write_file(&initramfs, &initramfs_image(&kernel, &busybox)?)?;
     let console_log = run_dir.join("console.log");
+    let disk = run_dir.join("disk.img");
+    make_root_disk(&disk)?;
 
     eprintln!(
         "vm-test: booting the guest ({} test binaries, timeout {} s, console log {})",
@@ -200,7 +219,14 @@ pub(crate) fn run(args: Vec<String>) -> Result<()> {
         opts.timeout.as_secs(),
         console_log.display()
     );
-    let guest = boot(&opts, &kernel, &initramfs, &results_dir, &console_log)?;
+    let guest = boot(
+        &opts,
+        &kernel,
+        &initramfs,
+        &disk,
+        &results_dir,
+        &console_log,
+    )?;
     let report = Report::collect(&results_dir, &binaries)?;
     report.print();
     eprintln!(
@@ -567,8 +593,12 @@ fn ensure_kernel(apt: &mut Apt, cache: &Path, package: Option<&str>) -> Result<K
         },
     };
     let dir = cache.join(&package);
-    if dir.join("release").exists() {
+    if cached_kernel_is_current(&dir) {
         return Kernel::load(&dir);
+    }
+    if dir.exists() {
+        // Cached by an older lane with another module set.
+        fs::remove_dir_all(&dir).with_context(|| format!("failed to remove {}", dir.display()))?;
     }
     fs::create_dir_all(cache).with_context(|| format!("failed to create {}", cache.display()))?;
     let staging = cache.join(format!(".{package}.{}", std::process::id()));
@@ -578,11 +608,17 @@ fn ensure_kernel(apt: &mut Apt, cache: &Path, package: Option<&str>) -> Result<K
     Kernel::load(&dir)
 }
 
+/// Whether `dir` holds a complete kernel with the modules this lane loads.
+fn cached_kernel_is_current(dir: &Path) -> bool {
+    dir.join("release").exists()
+        && fs::read_to_string(dir.join("guest-modules")).is_ok_and(|m| m == GUEST_MODULES.join(" "))
+}
+
 fn newest_cached_kernel(cache: &Path) -> Option<PathBuf> {
     fs::read_dir(cache)
         .ok()?
         .filter_map(|e| e.ok())
-        .filter(|e| e.path().join("release").exists())
+        .filter(|e| cached_kernel_is_current(&e.path()))
         .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
         .map(|e| e.path())
 }
@@ -653,10 +689,14 @@ fn fetch_kernel(package: &str, staging: &Path, dest: &Path) -> Result<()> {
         &unpacked.join(format!("boot/config-{release}")),
         &out.join("config"),
     )?;
+    write_file(
+        &out.join("guest-modules"),
+        GUEST_MODULES.join(" ").as_bytes(),
+    )?;
     write_file(&out.join("release"), format!("{release}\n").as_bytes())?;
     if let Err(err) = fs::rename(&out, dest) {
         // Another run may have cached the same kernel meanwhile.
-        if !dest.join("release").exists() {
+        if !cached_kernel_is_current(dest) {
             return Err(err)
                 .with_context(|| format!("failed to move the kernel to {}", dest.display()));
         }
@@ -726,6 +766,22 @@ fn write_file(path: &Path, data: &[u8]) -> Result<()> {
     fs::write(path, data).with_context(|| format!("failed to write {}", path.display()))
 }
 
+/// Creates the guest's root disk: a sparse file formatted ext4, new on every run so no state
+/// leaks from one run to the next.
+fn make_root_disk(disk: &Path) -> Result<()> {
+    let _ = fs::remove_file(disk);
+    File::create(disk)
+        .and_then(|f| f.set_len(DISK_SIZE))
+        .with_context(|| format!("failed to create {}", disk.display()))?;
+    run_checked(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1"])
+            .arg(disk)
+            .stdout(Stdio::null()),
+        "mkfs.ext4",
+    )
+}
+
 /// Writes what the guest's stage 2 reads from the results share: `plan` (one binary a line:
 /// id, cwd, exe, name, tab-separated), `args` (one test binary argument a line) and `config`
 /// (shell variables).
@@ -755,9 +811,12 @@ fn write_guest_plan(results: &Path, binaries: &[TestBinary], opts: &Options) -> 
     write_file(&results.join("config"), config.as_bytes())
 }
 
-/// Stage 1, the initramfs's `/init`: loads the 9p/virtio/overlay modules, mounts the host's root
-/// read-only under a tmpfs overlay and `switch_root`s into it. A real root mount (not rootfs) is
-/// needed because jobs `pivot_root`, which rootfs does not allow.
+/// Stage 1, the initramfs's `/init`: loads the virtio/ext4/9p/overlay modules, mounts the
+/// freshly formatted ext4 disk as the new root and, on it, each top-level directory of the host
+/// (shared read-only over 9p) under an overlay whose writable layer is on that disk, then
+/// `switch_root`s into it. Why not one overlay of the whole host root: `/` must be a real root
+/// mount (jobs `pivot_root`, which rootfs refuses) on a real block device (io limits name the
+/// disk holding `/`, as on a production host), and an overlay's device is anonymous.
 const STAGE1: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -768,10 +827,23 @@ mount -t devtmpfs devtmpfs /dev || fail "mount /dev"
 while read -r m; do insmod "/modules/$m" || fail "insmod $m"; done < /modules/order
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 hostroot /host \
     || fail "mount the host root over 9p"
-mount -t tmpfs -o mode=755 upper /upper && mkdir /upper/data /upper/work || fail "mount the overlay tmpfs"
-mount -t overlay -o lowerdir=/host,upperdir=/upper/data,workdir=/upper/work overlay /newroot \
-    || fail "mount the overlay root"
-mkdir -p /newroot/.vm-test && cp /bin/busybox /stage2 /newroot/.vm-test/ || fail "copy stage 2"
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+mount -t ext4 /dev/vda /newroot || fail "mount the root disk /dev/vda"
+L=/newroot/.vm-test/layers
+mkdir -p $L/upper $L/work || fail "create the overlay layers"
+for p in /host/*; do
+    n=${p#/host/}
+    case " @SKIPPED@ " in *" $n "*) mkdir -p "/newroot/$n"; continue ;; esac
+    if [ -L "$p" ]; then
+        ln -s "$(readlink "$p")" "/newroot/$n" || fail "link /$n"
+    elif [ -d "$p" ]; then
+        mkdir -p "/newroot/$n" "$L/upper/$n" "$L/work/$n" || fail "create /$n"
+        mount -t overlay -o "lowerdir=$p,upperdir=$L/upper/$n,workdir=$L/work/$n" overlay "/newroot/$n" \
+            || fail "mount the overlay of /$n"
+    fi
+done
+cp /bin/busybox /stage2 /newroot/.vm-test/ || fail "copy stage 2"
 for d in dev proc sys; do mount --move "/$d" "/newroot/$d" || fail "move /$d"; done
 exec switch_root /newroot /.vm-test/stage2
 "#;
@@ -833,15 +905,14 @@ $B poweroff -f
 /// The initramfs: busybox, the two stages and the kernel modules, as an uncompressed newc cpio.
 fn initramfs_image(kernel: &Kernel, busybox: &[u8]) -> Result<Vec<u8>> {
     let mut cpio = Cpio::default();
-    for dir in [
-        "bin", "dev", "proc", "sys", "host", "upper", "newroot", "modules",
-    ] {
+    for dir in ["bin", "dev", "proc", "sys", "host", "newroot", "modules"] {
         cpio.entry(dir, 0o040_755, (0, 0), &[]);
     }
     // The kernel opens /dev/console for init's stdio before devtmpfs is mounted.
     cpio.entry("dev/console", 0o020_600, (5, 1), &[]);
     cpio.entry("bin/busybox", 0o100_755, (0, 0), busybox);
-    cpio.entry("init", 0o100_755, (0, 0), STAGE1.as_bytes());
+    let stage1 = STAGE1.replace("@SKIPPED@", HOST_DIRS_SKIPPED);
+    cpio.entry("init", 0o100_755, (0, 0), stage1.as_bytes());
     let stage2 = STAGE2.replace("@CONTROLLERS@", GUEST_CONTROLLERS);
     cpio.entry("stage2", 0o100_755, (0, 0), stage2.as_bytes());
     let modules = kernel.modules()?;
@@ -921,6 +992,7 @@ fn boot(
     opts: &Options,
     kernel: &Kernel,
     initramfs: &Path,
+    disk: &Path,
     results: &Path,
     console_log: &Path,
 ) -> Result<GuestRun> {
@@ -935,6 +1007,12 @@ fn boot(
         .arg(kernel.vmlinuz())
         .arg("-initrd")
         .arg(initramfs)
+        // cache=unsafe: the disk is scratch, recreated on every run, so host flushes only cost.
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=virtio,cache=unsafe",
+            disk.display()
+        ))
         // panic=-1 + -no-reboot: a guest panic ends qemu at once instead of waiting for the timeout.
         .args([
             "-append",
