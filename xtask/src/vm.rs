@@ -635,7 +635,8 @@ fn fetch_kernel(package: &str, staging: &Path, dest: &Path) -> Result<()> {
         .with_context(|| format!("failed to create {}", staging.display()))?;
     run_checked(
         Command::new("apt-get")
-            .args(["download", "-q", package])
+            // The staging dir is root's: without this apt warns it cannot sandbox as _apt.
+            .args(["download", "-q", "-o", "APT::Sandbox::User=root", package])
             .current_dir(&download),
         &format!("apt-get download {package}"),
     )
@@ -829,7 +830,7 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 hostroo
     || fail "mount the host root over 9p"
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-mount -t ext4 /dev/vda /newroot || fail "mount the root disk /dev/vda"
+mount -t ext4 -o noinit_itable /dev/vda /newroot || fail "mount the root disk /dev/vda"
 L=/newroot/.vm-test/layers
 mkdir -p $L/upper $L/work || fail "create the overlay layers"
 for p in /host/*; do
@@ -881,7 +882,7 @@ set --
 while IFS= read -r a; do set -- "$@" "$a"; done < $R/args
 export HOME=/root JOBLET_REQUIRE_PRIVILEGED=1 JOBLET_TEST_SLOW=$SLOW JOBLET_TEST_LANE=vm RUST_BACKTRACE=1
 { $B uname -r; $B cat /sys/fs/cgroup/cgroup.subtree_control; } > $R/guest-info
-say "guest ready: kernel $($B uname -r), root subtree_control: $($B cat /sys/fs/cgroup/cgroup.subtree_control)"
+say "guest ready after $($B cut -d' ' -f1 /proc/uptime) s: kernel $($B uname -r), root subtree_control: $($B cat /sys/fs/cgroup/cgroup.subtree_control)"
 TAB=$(printf '\t')
 while IFS="$TAB" read -r id cwd exe name; do
     say "running $name"
@@ -898,7 +899,7 @@ while IFS="$TAB" read -r id cwd exe name; do
 done < $R/plan
 echo done > $R/done
 $B sync
-say "guest done"
+say "guest done after $($B cut -d' ' -f1 /proc/uptime) s"
 $B poweroff -f
 "#;
 
