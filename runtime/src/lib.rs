@@ -3,7 +3,16 @@
 //! The map of the code and its invariants is in `docs/ARCHITECTURE.md`.
 
 pub mod cgroup;
+pub mod init;
 pub mod job;
 pub mod parse;
+mod rootfs;
+mod seccomp;
+pub mod spawn;
+mod sys;
 #[doc(hidden)]
 pub mod testsupport;
+
+pub use rootfs::RootfsError;
+pub use seccomp::SeccompError;
+pub use spawn::{ExitStatus, Job, Runtime, RuntimeConfig, SignalForwarder, SpawnError, Stdio, StopReason};

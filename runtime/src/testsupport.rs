@@ -29,6 +29,33 @@ pub fn root() -> bool {
     privileged("root", || Ok(()))
 }
 
+/// The spawn benchmark's baseline: runs `path` (no arguments, empty environment) with
+/// `clone3(CLONE_VM | CLONE_VFORK | CLONE_PIDFD)` + `execve` and no isolation at all, and waits
+/// for it through its pidfd. Returns the exit code.
+pub fn bare_spawn_wait(path: &std::ffi::CStr) -> std::io::Result<i32> {
+    use crate::sys::misc::CStringArray;
+    thread_local! {
+        static STACK: std::cell::RefCell<Option<crate::sys::clone3::Stack>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let argv = CStringArray::new(vec![path.to_owned()]);
+    let envp = CStringArray::new(Vec::new());
+    let pidfd = STACK.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(crate::sys::clone3::Stack::new(64 * 1024)?);
+        }
+        let stack = slot.as_mut().expect("stack just created");
+        crate::sys::clone3::clone3_bare_exec(stack, path, &argv, &envp)
+    })?;
+    let st = rustix::process::waitid(
+        rustix::process::WaitId::PidFd(std::os::fd::AsFd::as_fd(&pidfd)),
+        rustix::process::WaitIdOptions::EXITED,
+    )?
+    .ok_or_else(|| std::io::Error::other("waitid returned no status"))?;
+    Ok(st.exit_status().unwrap_or(128 + st.terminating_signal().unwrap_or(0)))
+}
+
 /// How many times slower than native this machine runs processes, from `JOBLET_TEST_SLOW`
 /// (`cargo xtask vm-test` sets 50: the guest is emulated); 1 when unset or invalid.
 pub fn slow_factor() -> u32 {
