@@ -3,23 +3,24 @@
 //! This machine and CI have hybrid cgroups, most production hosts are pure cgroup v2, so the
 //! privileged tests also run in a VM booting a cgroup-v2-only Debian kernel (`cgroup_no_v1=all`):
 //!
-//! 1. install qemu, a static busybox and kmod with apt when missing, and cache an unpacked Debian
-//!    6.1 kernel plus the few modules the guest needs (9p, virtio, overlayfs) under
-//!    `~/.cache/joblet-vm/` (see [`cache_dir`]);
+//! 1. install qemu, a static busybox, kmod and e2fsprogs with apt when missing, and cache an
+//!    unpacked Debian 6.1 kernel plus the few modules the guest loads (virtio, ext4, 9p, overlayfs)
+//!    under `~/.cache/joblet-vm/` (see [`cache_dir`]);
 //! 2. build every test binary of the workspace with `cargo test --no-run` (the host's build: the
 //!    binaries embed absolute paths such as `CARGO_BIN_EXE_joblet`, which stay valid in the guest);
-//! 3. write a busybox initramfs that mounts the host's root read-only over virtio-9p under a tmpfs
-//!    overlay (so the host's paths resolve unchanged and tests can write anywhere without touching
-//!    the host), `switch_root`s into it, sets up cgroup2 with `+cpu +cpuset +io +memory +pids`
-//!    delegated from the root, bpffs, tracefs, debugfs, tmpfs scratch dirs and loopback, then runs
-//!    each test binary with `JOBLET_REQUIRE_PRIVILEGED=1`;
+//! 3. write a busybox initramfs whose init mounts a fresh ext4 disk as `/` and, on it, each
+//!    top-level directory of the host (shared read-only over virtio-9p) under an overlay, so the
+//!    host's paths resolve unchanged, tests can write anywhere without touching the host, and `/`
+//!    is a real block device; then it `switch_root`s, sets up cgroup2 with `+cpu +cpuset +io
+//!    +memory +pids` delegated from the root, bpffs, tracefs, debugfs, tmpfs scratch dirs and
+//!    loopback, and runs each test binary with `JOBLET_REQUIRE_PRIVILEGED=1`;
 //! 4. boot it under qemu (TCG: the nested KVM here cannot boot stock kernels), once for all
 //!    binaries, killing the guest after a timeout; the console goes to a log file that is kept;
-//! 5. read each binary's output and exit status back from a second, writable 9p share and report
-//!    pass/fail with the names of failing tests.
+//! 5. read each binary's output, exit status and test list back from a second, writable 9p share
+//!    and report pass/fail with the names of failing (or never finishing) tests.
 //!
 //! Why not virtme-ng: it needs Python and a PyPI install, boots slower here (7 s against 4.5 s)
-//! and its exit status does not reflect the guest's; a 150-line initramfs stays under our
+//! and its exit status does not reflect the guest's; two short init scripts stay under our
 //! control.
 
 use std::collections::{BTreeMap, HashSet};
@@ -849,7 +850,7 @@ for d in dev proc sys; do mount --move "/$d" "/newroot/$d" || fail "move /$d"; d
 exec switch_root /newroot /.vm-test/stage2
 "#;
 
-/// Stage 2, PID 1 in the overlay root: sets the guest up like a pure cgroup v2 systemd host (cgroup2
+/// Stage 2, PID 1 in the new root: sets the guest up like a pure cgroup v2 systemd host (cgroup2
 /// with nsdelegate, controllers delegated from the root, init outside the root cgroup), then runs
 /// the plan and powers off.
 const STAGE2: &str = r#"#!/.vm-test/busybox sh
