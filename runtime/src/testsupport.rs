@@ -57,3 +57,41 @@ pub fn bare_spawn_wait(path: &std::ffi::CStr) -> std::io::Result<i32> {
         .exit_status()
         .unwrap_or(128 + st.terminating_signal().unwrap_or(0)))
 }
+
+/// How many times slower than native this machine runs processes, from `JOBLET_TEST_SLOW`
+/// (`cargo xtask vm-test` sets 50: the guest is emulated); 1 when unset or invalid.
+pub fn slow_factor() -> u32 {
+    parse_slow_factor(std::env::var("JOBLET_TEST_SLOW").ok().as_deref())
+}
+
+fn parse_slow_factor(value: Option<&str>) -> u32 {
+    value
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|&f| f > 0)
+        .unwrap_or(1)
+}
+
+/// `base` scaled by [`slow_factor`]: use it for every deadline a test waits on, so the same test
+/// passes natively and under emulation.
+pub fn timeout(base: std::time::Duration) -> std::time::Duration {
+    base.saturating_mul(slow_factor())
+}
+
+/// Whether the tests run in the VM lane (`JOBLET_TEST_LANE=vm`, set by `cargo xtask vm-test`),
+/// whose guest is known to be pure cgroup v2 with every controller delegated.
+pub fn in_vm_lane() -> bool {
+    std::env::var_os("JOBLET_TEST_LANE").is_some_and(|v| v == "vm")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_factor_defaults_to_one() {
+        assert_eq!(parse_slow_factor(None), 1);
+        assert_eq!(parse_slow_factor(Some("50")), 50);
+        assert_eq!(parse_slow_factor(Some("0")), 1);
+        assert_eq!(parse_slow_factor(Some("fast")), 1);
+    }
+}

@@ -8,6 +8,7 @@ mod exit_codes;
 mod isolation;
 mod lifecycle;
 mod limits;
+mod vm_sanity;
 
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
