@@ -1106,7 +1106,13 @@ mod real {
     #[test]
     fn a_pooled_set_is_reused_without_the_previous_jobs_limits_or_usage() {
         let Some(mut driver) = driver() else { return };
-        driver.set_pool(4).unwrap();
+        if let Err(e) = driver.set_pool(4) {
+            // Pure v2 before 6.12 cannot reset memory.peak, so pooling is refused there.
+            assert_eq!(driver.layout(), Layout::V2, "{e}");
+            assert!(e.to_string().contains("6.12"), "{e}");
+            eprintln!("pooling refused on this kernel, as it must be: {e}");
+            return;
+        }
         let first_limits = Limits {
             memory_bytes: Some(16 << 20),
             pids: Some(32),

@@ -150,8 +150,12 @@ impl V2Driver {
             root: root.to_owned(),
             has_swap_max: memory && parent.exists("memory.swap.max"),
             has_memory_peak,
-            // Before 6.12 memory.peak is read-only, and opening it for writing fails.
-            peak_resettable: has_memory_peak && parent.open_rw("memory.peak").is_ok(),
+            // Before 6.12 memory.peak is read-only. Opening it for writing is not a reliable probe
+            // (seen succeeding on 6.1 in the VM lane, where the reset write then fails), so the
+            // kernel version is checked as well.
+            peak_resettable: has_memory_peak
+                && kernel_at_least(6, 12)
+                && parent.open_rw("memory.peak").is_ok(),
             pool: None,
             parent: Arc::new(parent),
             available,
@@ -325,5 +329,18 @@ impl V2Driver {
             memory,
             reuse: None,
         })
+    }
+}
+
+/// Whether the running kernel's version is at least `major.minor`.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let uname = rustix::system::uname();
+    let release = uname.release().to_string_lossy();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    match (parts.next(), parts.next()) {
+        (Some(a), Some(b)) => (a, b) >= (major, minor),
+        _ => false,
     }
 }
