@@ -140,6 +140,12 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "KEY=VALUE", value_parser = kv_arg)]
     pub(crate) label: Vec<(String, String)>,
 
+    /// Measure the job's kernel-level latency with the eBPF probes (spawn to exec, run-queue
+    /// wait, off-CPU time, context switches) and print a breakdown when it ends; the report
+    /// gains a `latency` object.
+    #[arg(long)]
+    pub(crate) trace: bool,
+
     /// Write the job's record as one JSON object to PATH when it ends.
     #[arg(long, value_name = "PATH")]
     pub(crate) report: Option<PathBuf>,

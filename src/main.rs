@@ -68,8 +68,14 @@ fn cmd_run(state_dir: &Option<std::path::PathBuf>, args: &RunArgs) -> anyhow::Re
     if let Some(d) = state_dir {
         config.state_dir = d.clone();
     }
-    let runtime = Runtime::new(&config)?;
+    let mut runtime = Runtime::new(&config)?;
     runtime.validate(&spec)?;
+    if args.trace {
+        // Loaded only when asked: loading the probes stays out of the plain spawn path.
+        let t = joblet_runtime::telemetry::Telemetry::load()
+            .context("failed to load the eBPF probes for --trace")?;
+        runtime.set_telemetry(std::sync::Arc::new(t));
+    }
     // Before the spawn, so a Ctrl-C during it is queued and forwarded, not lost.
     let signals = SignalForwarder::new().context("failed to set up signal forwarding")?;
     let stdio = Stdio::inherit(args.interactive).context("failed to duplicate stdio")?;
@@ -80,7 +86,10 @@ fn cmd_run(state_dir: &Option<std::path::PathBuf>, args: &RunArgs) -> anyhow::Re
     };
     let (status, reason) =
         spawn::supervise(&job, opts, Some(&signals)).context("failed to supervise the job")?;
-    let record = job.finish(status, reason);
+    let (record, latency) = job.finish_traced(status, reason);
+    if let Some(lat) = &latency {
+        eprintln!("{lat}");
+    }
     if let Some(path) = &args.report {
         write_report(path, &record)
             .with_context(|| format!("failed to write the report to {}", path.display()))?;

@@ -24,7 +24,7 @@ fn fstype_at(path: &str) -> Option<String> {
             let fstype = post.split(' ').next()?;
             (mount_point == path).then(|| fstype.to_owned())
         })
-        .last()
+        .next_back()
 }
 
 fn words(path: &str) -> Vec<String> {

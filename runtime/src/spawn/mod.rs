@@ -54,6 +54,9 @@ pub enum SpawnError {
     /// A cgroup operation failed.
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    /// The eBPF probes could not watch the job.
+    #[error("failed to watch the job with the eBPF probes")]
+    Telemetry(#[source] crate::telemetry::TelemetryError),
     /// The seccomp filter could not be built.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
@@ -147,6 +150,7 @@ pub struct Runtime {
     stage: PathBuf,
     online_cpus: u32,
     init_exe: std::sync::OnceLock<Result<OwnedFd, Errno>>,
+    telemetry: Option<std::sync::Arc<crate::telemetry::Telemetry>>,
 }
 
 thread_local! {
@@ -174,7 +178,14 @@ impl Runtime {
             stage,
             online_cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             init_exe: std::sync::OnceLock::new(),
+            telemetry: None,
         })
+    }
+
+    /// Measures every job spawned from now on with the eBPF probes (loaded once, by the caller:
+    /// loading stays out of the spawn path). Each job's record then carries a `latency` object.
+    pub fn set_telemetry(&mut self, telemetry: std::sync::Arc<crate::telemetry::Telemetry>) {
+        self.telemetry = Some(telemetry);
     }
 
     /// The cgroup driver in use.
@@ -241,6 +252,15 @@ impl Runtime {
         };
 
         let cgroup = self.cgroups.create(spec.id.as_str(), &spec.limits)?;
+        // The probes must know the cgroup before the first task enters it, or its exec is missed.
+        // A pooled cgroup keeps its id, so watching also resets any state of a previous job.
+        if let Some(t) = &self.telemetry {
+            if let Err(e) = t.watch(cgroup.id(), 0) {
+                let _ = cgroup.remove();
+                return Err(SpawnError::Telemetry(e));
+            }
+            let _ = t.mark_spawn(cgroup.id(), crate::telemetry::monotonic_ns());
+        }
         let started = Instant::now();
         let started_at_ns = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -257,15 +277,19 @@ impl Runtime {
         );
         match result {
             Ok((pid, pidfd, path)) => Ok(Job {
+                record: base_record(spec, self.cgroups.layout().as_str(), path, cgroup.id()),
+                telemetry: self.telemetry.clone(),
                 id: spec.id.clone(),
                 pid,
                 pidfd,
                 cgroup: Some(cgroup),
                 started,
                 started_at_ns,
-                record: base_record(spec, self.cgroups.layout().as_str(), path),
             }),
             Err(e) => {
+                if let Some(t) = &self.telemetry {
+                    let _ = t.finish(cgroup.id());
+                }
                 let _ = cgroup.remove();
                 Err(e)
             }
@@ -609,6 +633,7 @@ pub struct Job {
     started: Instant,
     started_at_ns: u64,
     record: JobRecord,
+    telemetry: Option<std::sync::Arc<crate::telemetry::Telemetry>>,
 }
 
 impl Job {
@@ -723,7 +748,18 @@ impl Job {
 
     /// Completes the record from the exit status and the cgroup's accounting, then removes the
     /// job's cgroups. Call after [`Job::wait`] (or a successful [`Job::try_wait`]).
-    pub fn finish(mut self, status: ExitStatus, reason: StopReason) -> JobRecord {
+    pub fn finish(self, status: ExitStatus, reason: StopReason) -> JobRecord {
+        self.finish_traced(status, reason).0
+    }
+
+    /// [`Job::finish`], also returning the latency report when the runtime has telemetry (it
+    /// is in the record as JSON too).
+    pub fn finish_traced(
+        mut self,
+        status: ExitStatus,
+        reason: StopReason,
+    ) -> (JobRecord, Option<crate::telemetry::LatencyReport>) {
+        let mut latency = None;
         let wall = self.started.elapsed();
         let mut r = self.record.clone();
         r.wall_ns = wall.as_nanos() as u64;
@@ -740,6 +776,15 @@ impl Job {
         };
         r.started_at_ns = self.started_at_ns;
         if let Some(cg) = self.cgroup.take() {
+            if let Some(t) = &self.telemetry {
+                match t.finish(cg.id()) {
+                    Ok(lat) => {
+                        r.latency = serde_json::to_value(&lat).ok();
+                        latency = Some(lat);
+                    }
+                    Err(e) => r.error = Some(anyhow_like(&e)),
+                }
+            }
             match cg.usage() {
                 Ok(u) => {
                     r.cpu_user_ns = u.cpu_user_ns;
@@ -753,7 +798,7 @@ impl Job {
                 r.error.get_or_insert_with(|| anyhow_like(&e));
             }
         }
-        r
+        (r, latency)
     }
 }
 
@@ -764,6 +809,9 @@ impl Drop for Job {
         if let Some(cg) = self.cgroup.take() {
             let _ = self.kill();
             let _ = self.wait();
+            if let Some(t) = &self.telemetry {
+                let _ = t.finish(cg.id());
+            }
             let _ = cg.remove();
         }
     }
@@ -781,7 +829,7 @@ pub(crate) fn anyhow_like(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn base_record(spec: &JobSpec, layout: &str, path: &str) -> JobRecord {
+fn base_record(spec: &JobSpec, layout: &str, path: &str, cgroup_id: u64) -> JobRecord {
     JobRecord {
         id: spec.id.clone(),
         name: spec.name.clone(),
@@ -805,7 +853,7 @@ fn base_record(spec: &JobSpec, layout: &str, path: &str) -> JobRecord {
         limits: spec.limits.clone(),
         runtime: RuntimeInfo {
             cgroup_layout: layout.to_owned(),
-            cgroup_id: 0,
+            cgroup_id,
             spawn_path: path.to_owned(),
             network: Some(spec.sandbox.network),
             uid: spec.sandbox.uid,
