@@ -85,11 +85,18 @@ fn pids_limit_stops_a_fork_bomb() {
 }
 
 /// A directory on a real block device, and that device as `MAJ:MIN` (the whole disk).
+/// Candidates in order: `JOBLET_TEST_BLOCK_DIR`, the target dir, `/var/tmp`, `/` (the VM
+/// lane's root is an ext4 disk while its host paths are 9p/overlay mounts).
 fn block_dir() -> Option<(PathBuf, String)> {
-    let dir = std::env::var_os("JOBLET_TEST_BLOCK_DIR")
+    let candidates = std::env::var_os("JOBLET_TEST_BLOCK_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
-    let dev = std::fs::metadata(&dir).ok()?.dev();
+        .into_iter()
+        .chain([PathBuf::from(env!("CARGO_TARGET_TMPDIR")), "/var/tmp".into(), "/".into()]);
+    candidates.filter(|d| d.is_dir()).find_map(|d| block_device_of(&d).map(|dev| (d, dev)))
+}
+
+fn block_device_of(dir: &std::path::Path) -> Option<String> {
+    let dev = std::fs::metadata(dir).ok()?.dev();
     let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
     let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
     if !sys.exists() {
