@@ -162,18 +162,39 @@ fn trace_adds_a_latency_breakdown_to_the_report() {
     let r = run(&["--trace"], &["sleep", "0.2"]);
     r.ok();
     let lat = &r.report()["latency"];
-    for key in ["spawn_to_exec_ns", "exec_to_exit_ns", "runq_wait_ns", "off_cpu_ns"] {
+    for key in [
+        "spawn_to_exec_ns",
+        "exec_to_exit_ns",
+        "runq_wait_ns",
+        "off_cpu_ns",
+    ] {
         for field in ["total", "count", "p50", "p90", "p99", "max", "buckets"] {
-            assert!(lat[key].get(field).is_some(), "latency.{key}.{field} missing: {lat:#}");
+            assert!(
+                lat[key].get(field).is_some(),
+                "latency.{key}.{field} missing: {lat:#}"
+            );
         }
     }
-    for key in ["on_cpu_ns", "voluntary_switches", "involuntary_switches", "events_lost"] {
+    for key in [
+        "on_cpu_ns",
+        "voluntary_switches",
+        "involuntary_switches",
+        "events_lost",
+    ] {
         assert!(lat[key].is_u64(), "latency.{key} missing: {lat:#}");
     }
-    let slow = joblet_runtime::testsupport::timeout(std::time::Duration::from_millis(1)).as_millis() as u64;
+    let slow = joblet_runtime::testsupport::timeout(std::time::Duration::from_millis(1)).as_millis()
+        as u64;
     let off = lat["off_cpu_ns"]["total"].as_u64().unwrap();
     // sleep 0.2 spends ~200 ms off-CPU (within 10%, more under emulation in the VM lane).
-    assert!(off >= 180_000_000 && off <= 220_000_000 * slow, "off-CPU {off} ns for a 200 ms sleep");
+    assert!(
+        off >= 180_000_000 && off <= 220_000_000 * slow,
+        "off-CPU {off} ns for a 200 ms sleep"
+    );
     assert_eq!(lat["events_lost"], 0);
-    assert!(r.stderr.contains("off-CPU"), "no breakdown printed: {}", r.stderr);
+    assert!(
+        r.stderr.contains("off-CPU"),
+        "no breakdown printed: {}",
+        r.stderr
+    );
 }

@@ -91,8 +91,14 @@ fn block_dir() -> Option<(PathBuf, String)> {
     let candidates = std::env::var_os("JOBLET_TEST_BLOCK_DIR")
         .map(PathBuf::from)
         .into_iter()
-        .chain([PathBuf::from(env!("CARGO_TARGET_TMPDIR")), "/var/tmp".into(), "/".into()]);
-    candidates.filter(|d| d.is_dir()).find_map(|d| block_device_of(&d).map(|dev| (d, dev)))
+        .chain([
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")),
+            "/var/tmp".into(),
+            "/".into(),
+        ]);
+    candidates
+        .filter(|d| d.is_dir())
+        .find_map(|d| block_device_of(&d).map(|dev| (d, dev)))
 }
 
 fn block_device_of(dir: &std::path::Path) -> Option<String> {
@@ -111,7 +117,7 @@ fn block_device_of(dir: &std::path::Path) -> Option<String> {
     } else {
         format!("{major}:{minor}")
     };
-    Some((dir, disk))
+    Some(disk)
 }
 
 #[test]
