@@ -154,7 +154,7 @@ impl V2Driver {
             // (seen succeeding on 6.1 in the VM lane, where the reset write then fails), so the
             // kernel version is checked as well.
             peak_resettable: has_memory_peak
-                && kernel_at_least(6, 12)
+                && (backing == Backing::Plain || kernel_at_least(6, 12))
                 && parent.open_rw("memory.peak").is_ok(),
             pool: None,
             parent: Arc::new(parent),
