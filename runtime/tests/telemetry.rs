@@ -15,7 +15,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use joblet_runtime::telemetry::{LatencyReport, Telemetry, monotonic_ns};
-use joblet_runtime::testsupport::privileged;
+use joblet_runtime::testsupport::{self, privileged};
 
 /// Loads the probes once for the whole test binary, and serialises the tests.
 fn telemetry() -> Option<(MutexGuard<'static, ()>, &'static Telemetry)> {
@@ -177,17 +177,23 @@ fn a_sleeping_job_reports_its_sleep_as_off_cpu() {
     assert_eq!(r.exits, 1, "sleep's exit");
     assert_eq!(r.forks, 0);
     assert_eq!(r.events_lost, 0);
+    // Under emulation (the VM lane) loading `sleep` itself takes tens of ms: scale the bounds
+    // that include process start-up, not the off-CPU figure above.
+    let slow = testsupport::slow_factor() as f64;
     let life = ms(r.command.exec_to_exit_ns.expect("command exited"));
-    assert!((195.0..=260.0).contains(&life), "exec to exit {life:.1} ms");
+    assert!(
+        (195.0..=260.0 * slow).contains(&life),
+        "exec to exit {life:.1} ms"
+    );
     let spawn = r.command.spawn_to_exec_ns.expect("command exec'd");
     assert!(
-        spawn > 0 && spawn < 1_000_000_000,
+        spawn > 0 && (spawn as f64) < 1e9 * slow,
         "spawn to exec {spawn} ns"
     );
     assert_eq!(r.spawn_to_exec_ns.count, 1);
     assert_eq!(r.exec_to_exit_ns.count, 1);
     assert!(
-        r.on_cpu_ns < 50_000_000,
+        (r.on_cpu_ns as f64) < 50e6 * slow,
         "sleep barely runs: {} ns",
         r.on_cpu_ns
     );
@@ -305,13 +311,20 @@ fn run_queue_waits_grow_under_contention_and_match_schedstat() {
     // Sharing a core with two hogs, the job should wait about twice its CPU time more than alone.
     // "Alone" is not idle on a shared CI machine (other builds also run on the core), so the
     // bound is relative: at least half the expected increase, and at least twice the baseline.
-    assert!(
-        busy_runq > 2 * alone_runq && busy_runq - alone_runq > busy_on,
-        "contended run-queue wait {:.2} ms is not far above alone {:.2} ms (on-CPU {:.2} ms)",
-        ms(busy_runq),
-        ms(alone_runq),
-        ms(busy_on)
-    );
+    // Under TCG emulation (the VM lane) vCPUs are host threads and pinning two hogs to one vCPU
+    // does not produce ordinary run-queue contention; there only the agreement with the
+    // kernel's own schedstat below is checked.
+    if testsupport::in_vm_lane() {
+        eprintln!("VM lane: contention comparison not meaningful under emulation, skipped");
+    } else {
+        assert!(
+            busy_runq > 2 * alone_runq && busy_runq - alone_runq > busy_on,
+            "contended run-queue wait {:.2} ms is not far above alone {:.2} ms (on-CPU {:.2} ms)",
+            ms(busy_runq),
+            ms(alone_runq),
+            ms(busy_on)
+        );
+    }
     for (what, probe, kernel) in [
         ("alone run-queue", alone_runq, alone_delay),
         ("contended run-queue", busy_runq, busy_delay),
@@ -356,8 +369,14 @@ fn activity_outside_the_job_never_counts() {
         (0, 1, 1),
         "quiet job: only sleep"
     );
-    assert!(q.voluntary_switches + q.involuntary_switches < 20);
-    assert!(q.on_cpu_ns < 50_000_000, "quiet on-CPU {} ns", q.on_cpu_ns);
+    // A sleeping job switches a handful of times; emulation (VM lane) adds start-up work.
+    let slow = u64::from(testsupport::slow_factor());
+    assert!(q.voluntary_switches + q.involuntary_switches < 20 * slow);
+    assert!(
+        q.on_cpu_ns < 50_000_000 * slow,
+        "quiet on-CPU {} ns",
+        q.on_cpu_ns
+    );
     assert_eq!((b.forks, b.execs), (10, 10), "busy job: ten /bin/true");
     assert_eq!(b.exits, 11, "ten /bin/true and the shell");
     assert_eq!(b.spawn_to_exec_ns.count, 10);
