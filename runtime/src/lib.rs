@@ -5,5 +5,7 @@
 pub mod cgroup;
 pub mod job;
 pub mod parse;
+pub mod store;
+mod sys;
 #[doc(hidden)]
 pub mod testsupport;

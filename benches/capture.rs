@@ -1,0 +1,2 @@
+//! Capture benchmark.
+fn main() {}
