@@ -2,6 +2,7 @@
 //!
 //! The map of the code and its invariants is in `docs/ARCHITECTURE.md`.
 
+pub mod capture;
 pub mod cgroup;
 pub mod job;
 pub mod parse;

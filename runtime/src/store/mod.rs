@@ -21,7 +21,8 @@ mod writer;
 
 pub use format::{Marker, TruncationReason};
 pub use reader::{Follower, LogReader};
-pub use writer::{LogWriter, Recovery};
+pub use writer::{LogWriter, MARKER_RESERVE, Recovery};
+pub use reader::FOLLOW_BACKSTOP;
 
 /// The default state dir.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/joblet";

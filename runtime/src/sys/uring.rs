@@ -79,6 +79,15 @@ pub(crate) struct WriteBatch {
 }
 
 impl WriteBatch {
+    /// A batch of `parts`, nothing written yet.
+    pub(crate) fn new(parts: Vec<Part>) -> Self {
+        WriteBatch {
+            parts,
+            done: 0,
+            iovecs: Vec::new(),
+        }
+    }
+
     /// Total bytes of the batch.
     pub(crate) fn total(&self) -> usize {
         self.parts.iter().map(Part::len).sum()
@@ -97,8 +106,8 @@ unsafe impl Send for WriteBatch {}
 /// What an in-flight operation owns, given back with its completion.
 #[derive(Debug)]
 pub(crate) enum Owned {
-    /// A read into a provided buffer, or an fsync: only the fd.
-    Fd(Arc<OwnedFd>),
+    /// A read into a provided buffer, or an fsync: only the fd (kept open until the completion).
+    Fd(#[expect(dead_code, reason = "held, never read: keeps the fd open")] Arc<OwnedFd>),
     /// A read into owned bytes.
     Read(Arc<OwnedFd>, Box<[u8]>),
     /// A vectored write.
@@ -220,11 +229,6 @@ impl Ring {
         self.uring.as_mut().expect("ring is open until drop")
     }
 
-    /// Size of each provided buffer.
-    pub(crate) fn buf_size(&self) -> u32 {
-        self.bufs.size
-    }
-
     /// Number of provided buffers.
     pub(crate) fn buf_count(&self) -> u16 {
         self.bufs.count
@@ -236,6 +240,7 @@ impl Ring {
     }
 
     /// Operations submitted and not yet completed.
+    #[cfg(test)]
     pub(crate) fn in_flight(&self) -> usize {
         self.live
     }
