@@ -188,17 +188,17 @@ impl Capture {
             .name("joblet-capture".into())
             .spawn(move || {
                 // The ring is created on the thread that submits to it (IORING_SETUP_SINGLE_ISSUER).
-                let ring = match Ring::new(config2.ring_entries, config2.buffers, config2.buffer_size)
-                {
-                    Ok(r) => {
-                        let _ = ready_tx.send(Ok(()));
-                        r
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return Ok(());
-                    }
-                };
+                let ring =
+                    match Ring::new(config2.ring_entries, config2.buffers, config2.buffer_size) {
+                        Ok(r) => {
+                            let _ = ready_tx.send(Ok(()));
+                            r
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return Ok(());
+                        }
+                    };
                 Engine::new(ring, rx, wake2, config2).run()
             })
             .map_err(CaptureError::Setup)?;
@@ -608,7 +608,11 @@ impl Engine {
     }
 
     fn read_done(&mut self, slot: usize, i: usize, c: Completion) {
-        let stream = if i == 0 { Stream::Stdout } else { Stream::Stderr };
+        let stream = if i == 0 {
+            Stream::Stdout
+        } else {
+            Stream::Stderr
+        };
         let job = self.jobs[slot].as_mut().expect("live slot");
         job.pipes[i].reading = false;
         match (c.result, c.buf) {
@@ -651,9 +655,8 @@ impl Engine {
         let cost = CHUNK_HEADER_LEN as u64 + len;
         let mut keep = len;
         let header = CHUNK_HEADER_LEN as u64;
-        let room = |used: u64, cap: Option<u64>| {
-            cap.map(|cap| cap.saturating_sub(used + MARKER_RESERVE))
-        };
+        let room =
+            |used: u64, cap: Option<u64>| cap.map(|cap| cap.saturating_sub(used + MARKER_RESERVE));
         let job_room = room(job.accounted, self.config.job_cap);
         let total_room = room(self.total_accounted, self.config.total_cap);
         let mut reason = None;
@@ -780,7 +783,10 @@ impl Engine {
             job.oldest_unsynced = Some(Instant::now());
         }
         if kept < in_write.len() {
-            let err = c.result.err().unwrap_or_else(|| io::ErrorKind::WriteZero.into());
+            let err = c
+                .result
+                .err()
+                .unwrap_or_else(|| io::ErrorKind::WriteZero.into());
             let lost_chunks = &in_write[kept..];
             job.log.untake_seqs(lost_chunks.len() as u64);
             let _ = job.log.cut_to_offset();
@@ -805,7 +811,10 @@ impl Engine {
 
     /// After a failed write: drop the queue, keep draining the pipes, and mark the loss.
     fn fail_writes(job: &mut Job, err: io::Error) {
-        let full = matches!(err.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG));
+        let full = matches!(
+            err.raw_os_error(),
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG)
+        );
         let why = format!("writing {} failed: {err}", job.log.path().display());
         job.truncated = Some((
             if full {
@@ -886,14 +895,15 @@ impl Engine {
             }
         }
         let job = self.jobs[slot].as_mut().expect("live slot");
+        // Quiet: nothing of the job is in flight, so its slot may be freed.
         let quiet = !job.writing
+            && !job.syncing
             && job.queue.is_empty()
             && !job.marker_due
             && job.pipes.iter().all(|p| !p.reading);
-        if quiet && job.phase == Phase::Detaching && !job.syncing {
+        if quiet && job.phase == Phase::Detaching {
             self.detach(slot);
-        } else if quiet && job.phase == Phase::Running && job.pipes.iter().all(|p| p.fd.is_none())
-        {
+        } else if quiet && job.phase == Phase::Running && job.pipes.iter().all(|p| p.fd.is_none()) {
             // Both streams ended: the end chunk, then a final sync.
             let header = job.log.end_header();
             job.end_seq = job.log.next_seq() - 1;
@@ -958,12 +968,7 @@ impl Engine {
         let fd = job.log.fd().clone();
         let offset = job.log.offset();
         self.ring
-            .writev(
-                fd,
-                offset,
-                WriteBatch::new(parts),
-                tag(slot, OP_WRITE),
-            )
+            .writev(fd, offset, WriteBatch::new(parts), tag(slot, OP_WRITE))
             .map_err(CaptureError::Ring)
     }
 

@@ -55,7 +55,9 @@ fn pipe() -> (OwnedFd, std::fs::File) {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 #[test]
@@ -70,7 +72,12 @@ fn binary_data_and_no_trailing_newline_are_stored_exactly() {
     let (ro, mut wo) = pipe();
     let (re, mut we) = pipe();
     let h = cap
-        .add(id.clone(), Some(ro), Some(re), state.create_job(&id).unwrap())
+        .add(
+            id.clone(),
+            Some(ro),
+            Some(re),
+            state.create_job(&id).unwrap(),
+        )
         .unwrap();
     let all: Vec<u8> = (0..=255u8).collect();
     wo.write_all(&all).unwrap();
@@ -133,7 +140,12 @@ fn stdout_and_stderr_are_drained_together() {
     let (ro, mut wo) = pipe();
     let (re, mut we) = pipe();
     let h = cap
-        .add(id.clone(), Some(ro), Some(re), state.create_job(&id).unwrap())
+        .add(
+            id.clone(),
+            Some(ro),
+            Some(re),
+            state.create_job(&id).unwrap(),
+        )
         .unwrap();
     // One thread writes 4 MiB to stderr and only then to stdout: it blocks forever unless
     // stderr is drained while stdout is idle.
@@ -183,7 +195,12 @@ fn a_thousand_jobs_writing_at_once() {
         let (ro, mut wo) = pipe();
         let (re, mut we) = pipe();
         let h = cap
-            .add(id.clone(), Some(ro), Some(re), state.create_job(&id).unwrap())
+            .add(
+                id.clone(),
+                Some(ro),
+                Some(re),
+                state.create_job(&id).unwrap(),
+            )
             .unwrap();
         let t = std::thread::Builder::new()
             .stack_size(64 << 10)
@@ -256,7 +273,11 @@ fn followers_attaching_at_random_moments_see_every_line_once_in_order() {
             let mut last_seq = 0;
             while let Some(c) = f.next().unwrap() {
                 first_seq.get_or_insert(c.seq);
-                assert_eq!(c.seq, last_seq.max(since - 1) + 1, "reader {r}: seq gap or repeat");
+                assert_eq!(
+                    c.seq,
+                    last_seq.max(since - 1) + 1,
+                    "reader {r}: seq gap or repeat"
+                );
                 last_seq = c.seq;
                 text.extend_from_slice(&c.data);
             }
@@ -279,7 +300,10 @@ fn followers_attaching_at_random_moments_see_every_line_once_in_order() {
             }
             assert_eq!(next, LINES, "reader {r}");
         } else {
-            assert!(all.out.ends_with(&text), "reader {r}: not a suffix of the log");
+            assert!(
+                all.out.ends_with(&text),
+                "reader {r}: not a suffix of the log"
+            );
         }
     }
 }
@@ -302,7 +326,12 @@ fn size_caps_write_markers_and_keep_the_exact_prefix() {
     let (ro, mut wo) = pipe();
     let (re, mut we) = pipe();
     let h = cap
-        .add(id.clone(), Some(ro), Some(re), state.create_job(&id).unwrap())
+        .add(
+            id.clone(),
+            Some(ro),
+            Some(re),
+            state.create_job(&id).unwrap(),
+        )
         .unwrap();
     let data = pattern(3 << 20, 3);
     let d = data.clone();
@@ -320,9 +349,21 @@ fn size_caps_write_markers_and_keep_the_exact_prefix() {
     assert_eq!(s.stdout_bytes + s.lost_stdout, 3 << 20);
     assert_eq!(s.lost_stderr, 11);
     assert!(!rb.markers.is_empty());
-    assert!(rb.markers.iter().all(|m| m.reason == TruncationReason::JobCap));
-    let marked: u64 = rb.markers.iter().map(|m| m.lost_stdout + m.lost_stderr).sum();
-    assert_eq!(marked, s.lost_stdout + s.lost_stderr, "markers must account for every lost byte");
+    assert!(
+        rb.markers
+            .iter()
+            .all(|m| m.reason == TruncationReason::JobCap)
+    );
+    let marked: u64 = rb
+        .markers
+        .iter()
+        .map(|m| m.lost_stdout + m.lost_stderr)
+        .sum();
+    assert_eq!(
+        marked,
+        s.lost_stdout + s.lost_stderr,
+        "markers must account for every lost byte"
+    );
     let size = std::fs::metadata(state.log_path(&id)).unwrap().len();
     assert!(size <= job_cap, "log of {size} bytes over its cap");
     assert!(size > job_cap - (128 << 10), "cap not filled: {size}");
@@ -358,7 +399,11 @@ fn the_total_cap_spans_jobs() {
         lost += s.lost_stdout;
         stored += s.stdout_bytes;
         if n == 1 {
-            assert!(rb.markers.iter().any(|m| m.reason == TruncationReason::TotalCap));
+            assert!(
+                rb.markers
+                    .iter()
+                    .any(|m| m.reason == TruncationReason::TotalCap)
+            );
         }
     }
     assert_eq!(lost + stored, 2 * (700 << 10));
@@ -381,8 +426,14 @@ fn a_full_disk_gives_an_error_a_marker_and_exact_bytes_up_to_it() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("small");
     std::fs::create_dir(&mnt).unwrap();
-    rustix::mount::mount("tmpfs", &mnt, "tmpfs", rustix::mount::MountFlags::empty(), c"size=4m")
-        .unwrap();
+    rustix::mount::mount(
+        "tmpfs",
+        &mnt,
+        "tmpfs",
+        rustix::mount::MountFlags::empty(),
+        c"size=4m",
+    )
+    .unwrap();
     struct Unmount<'a>(&'a Path);
     impl Drop for Unmount<'_> {
         fn drop(&mut self) {
@@ -400,7 +451,12 @@ fn a_full_disk_gives_an_error_a_marker_and_exact_bytes_up_to_it() {
     let (ro, mut wo) = pipe();
     let (re, mut we) = pipe();
     let h = cap
-        .add(id.clone(), Some(ro), Some(re), state.create_job(&id).unwrap())
+        .add(
+            id.clone(),
+            Some(ro),
+            Some(re),
+            state.create_job(&id).unwrap(),
+        )
         .unwrap();
     let data = pattern(8 << 20, 5);
     let d = data.clone();
@@ -412,16 +468,30 @@ fn a_full_disk_gives_an_error_a_marker_and_exact_bytes_up_to_it() {
     t.join().unwrap();
     let err = s.write_error.as_ref().expect("a write error is reported");
     let msg = format!("{err}: {}", std::error::Error::source(err).unwrap());
-    assert!(msg.contains("No space left") || msg.contains("os error 28"), "{msg}");
+    assert!(
+        msg.contains("No space left") || msg.contains("os error 28"),
+        "{msg}"
+    );
     let rb = read_back(&state.log_path(&id));
     assert!(rb.seqs_ok);
-    assert!(data.starts_with(&rb.out), "stored bytes are not the exact prefix");
+    assert!(
+        data.starts_with(&rb.out),
+        "stored bytes are not the exact prefix"
+    );
     assert_eq!(rb.out.len() as u64, s.stdout_bytes);
     assert_eq!(s.stdout_bytes + s.lost_stdout, 8 << 20);
     assert_eq!(s.lost_stderr, 21);
     assert!(!rb.markers.is_empty(), "no truncation marker");
-    assert!(rb.markers.iter().all(|m| m.reason == TruncationReason::DiskFull));
-    let marked: u64 = rb.markers.iter().map(|m| m.lost_stdout + m.lost_stderr).sum();
+    assert!(
+        rb.markers
+            .iter()
+            .all(|m| m.reason == TruncationReason::DiskFull)
+    );
+    let marked: u64 = rb
+        .markers
+        .iter()
+        .map(|m| m.lost_stdout + m.lost_stderr)
+        .sum();
     assert_eq!(marked, s.lost_stdout + s.lost_stderr);
     assert!(rb.ended, "the end chunk fits in the reserved room");
 }
@@ -438,7 +508,12 @@ fn detach_and_attach_to_another_engine_loses_and_repeats_nothing() {
     let (re, we) = pipe();
     let a = Capture::start(CaptureConfig::default()).unwrap();
     let h = a
-        .add(id.clone(), Some(ro), Some(re), state.create_job(&id).unwrap())
+        .add(
+            id.clone(),
+            Some(ro),
+            Some(re),
+            state.create_job(&id).unwrap(),
+        )
         .unwrap();
     const LINES: u64 = 400_000;
     let writer = std::thread::spawn(move || {
@@ -466,8 +541,14 @@ fn detach_and_attach_to_another_engine_loses_and_repeats_nothing() {
     let rb = read_back(&state.log_path(&id));
     assert!(rb.ended && rb.seqs_ok);
     let want: String = (0..LINES).map(|i| format!("{i}\n")).collect();
-    assert!(rb.out == want.as_bytes(), "stdout differs after the hand-off");
-    let want_err: String = (0..LINES).step_by(1000).map(|i| format!("e{i}\n")).collect();
+    assert!(
+        rb.out == want.as_bytes(),
+        "stdout differs after the hand-off"
+    );
+    let want_err: String = (0..LINES)
+        .step_by(1000)
+        .map(|i| format!("e{i}\n"))
+        .collect();
     assert_eq!(rb.err, want_err.as_bytes());
 }
 
@@ -483,7 +564,12 @@ fn the_terminal_copy_follows_the_store() {
     let (ro, mut wo) = pipe();
     let (re, mut we) = pipe();
     let h = cap
-        .add(id.clone(), Some(ro), Some(re), state.create_job(&id).unwrap())
+        .add(
+            id.clone(),
+            Some(ro),
+            Some(re),
+            state.create_job(&id).unwrap(),
+        )
         .unwrap();
     let reader = state.open_log(&id).unwrap();
     let follower = std::thread::spawn(move || {
@@ -509,5 +595,10 @@ fn the_terminal_copy_follows_the_store() {
     let rb = read_back(&state.log_path(&id));
     assert_eq!(out, rb.out);
     assert_eq!(err, rb.err);
-    assert_eq!(out.len(), (0..1000).map(|i| format!("line {i}\n").len()).sum::<usize>());
+    assert_eq!(
+        out.len(),
+        (0..1000)
+            .map(|i| format!("line {i}\n").len())
+            .sum::<usize>()
+    );
 }

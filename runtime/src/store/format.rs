@@ -68,7 +68,12 @@ pub(crate) fn stream_kind(stream: Stream) -> u8 {
 
 /// Encodes a chunk header; the CRC covers the header's tail and `payload`, which may be given in
 /// pieces (the engine writes a chunk straight from its read buffer).
-pub(crate) fn encode_header(kind: u8, seq: u64, ts_ns: u64, payload: &[&[u8]]) -> [u8; CHUNK_HEADER_LEN] {
+pub(crate) fn encode_header(
+    kind: u8,
+    seq: u64,
+    ts_ns: u64,
+    payload: &[&[u8]],
+) -> [u8; CHUNK_HEADER_LEN] {
     let len: usize = payload.iter().map(|p| p.len()).sum();
     let len = u32::try_from(len).expect("chunk payload fits in u32");
     let mut h = [0u8; CHUNK_HEADER_LEN];
@@ -120,7 +125,11 @@ pub(crate) fn decode_header(h: &[u8; CHUNK_HEADER_LEN]) -> Result<Header, String
 }
 
 /// Whether `payload` matches the header's CRC.
-pub(crate) fn crc_matches(raw_header: &[u8; CHUNK_HEADER_LEN], header: &Header, payload: &[u8]) -> bool {
+pub(crate) fn crc_matches(
+    raw_header: &[u8; CHUNK_HEADER_LEN],
+    header: &Header,
+    payload: &[u8],
+) -> bool {
     let mut crc = crc32fast::Hasher::new();
     crc.update(&raw_header[4..]);
     crc.update(payload);

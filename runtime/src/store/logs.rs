@@ -72,7 +72,11 @@ pub fn copy_logs(
             follower.next()?
         } else {
             let r = follower.reader_mut();
-            if r.skip_to(since)? { r.try_next()? } else { None }
+            if r.skip_to(since)? {
+                r.try_next()?
+            } else {
+                None
+            }
         };
         let Some(chunk) = chunk else { break };
         summary.last_seq = chunk.seq;
@@ -108,7 +112,12 @@ pub fn copy_logs(
     Ok(summary)
 }
 
-fn write_stamped(w: &mut dyn Write, data: &[u8], ts_ns: u64, at_start: &mut bool) -> io::Result<()> {
+fn write_stamped(
+    w: &mut dyn Write,
+    data: &[u8],
+    ts_ns: u64,
+    at_start: &mut bool,
+) -> io::Result<()> {
     let stamp = rfc3339(ts_ns);
     for line in data.split_inclusive(|&b| b == b'\n') {
         if *at_start {

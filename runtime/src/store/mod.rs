@@ -20,9 +20,9 @@ mod reader;
 mod writer;
 
 pub use format::{Marker, TruncationReason};
+pub use reader::FOLLOW_BACKSTOP;
 pub use reader::{Follower, LogReader};
 pub use writer::{LogWriter, MARKER_RESERVE, Recovery};
-pub use reader::FOLLOW_BACKSTOP;
 
 /// The default state dir.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/joblet";

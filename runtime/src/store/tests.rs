@@ -45,7 +45,10 @@ fn a_partial_chunk_is_not_returned_until_complete() {
     drop(w);
     // Simulate a writer in the middle of writing the second chunk.
     let full = format::encode_header(format::KIND_STDOUT, 2, 5, &[b"second"]);
-    let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
     f.write_all(&full).unwrap();
     f.write_all(b"sec").unwrap();
     let mut r = LogReader::open(&path).unwrap();
@@ -67,9 +70,17 @@ fn recovery_truncates_a_torn_or_corrupt_tail_and_continues_the_sequence() {
     let good_len = w.len();
     drop(w);
     // A complete-length chunk whose payload is garbage (a power cut's zeroed page) and a tail.
-    let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
-    f.write_all(&format::encode_header(format::KIND_STDOUT, 3, 5, &[b"three"]))
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
         .unwrap();
+    f.write_all(&format::encode_header(
+        format::KIND_STDOUT,
+        3,
+        5,
+        &[b"three"],
+    ))
+    .unwrap();
     f.write_all(b"\0\0\0\0\0garbage").unwrap();
     drop(f);
     let mut r = LogReader::open(&path).unwrap();
@@ -87,7 +98,10 @@ fn recovery_truncates_a_torn_or_corrupt_tail_and_continues_the_sequence() {
     let chunks = data_chunks(&path);
     let datas: Vec<&[u8]> = chunks.iter().map(|c| c.data.as_slice()).collect();
     assert_eq!(datas, vec![&b"one"[..], b"two", b"three", b""]);
-    assert!(matches!(LogWriter::open(&path), Err(StoreError::Ended { .. })));
+    assert!(matches!(
+        LogWriter::open(&path),
+        Err(StoreError::Ended { .. })
+    ));
 }
 
 #[test]
@@ -150,7 +164,10 @@ fn records_are_replaced_atomically_and_listed() {
     assert_eq!(state.records().unwrap(), vec![rec.clone()]);
     assert!(logs::ps_filter(state.records().unwrap(), false).is_empty());
     let table = logs::ps_table(&[rec], 10);
-    assert!(table.contains("job1") && table.contains("exited"), "{table}");
+    assert!(
+        table.contains("job1") && table.contains("exited"),
+        "{table}"
+    );
     // No temporary file is left behind.
     let names: Vec<_> = std::fs::read_dir(state.job_dir(&id))
         .unwrap()

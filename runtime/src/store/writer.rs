@@ -13,7 +13,7 @@ use rustix::fs::FallocateFlags;
 use super::format::{
     self, CHUNK_HEADER_LEN, FILE_HEADER_LEN, KIND_END, KIND_MARKER, MAX_CHUNK_PAYLOAD, Marker,
 };
-use super::{Stream, StoreError, now_ns};
+use super::{StoreError, Stream, now_ns};
 
 /// Room kept reserved (allocated with `fallocate(FALLOC_FL_KEEP_SIZE)`) past the last chunk, so
 /// the truncation markers and the end chunk can still be written when the disk fills up.
@@ -94,12 +94,13 @@ impl LogWriter {
                 source: e.into(),
             })?
             .st_size as u64;
-        let mut reader = super::reader::LogReader::from_fd(path, file.try_clone().map_err(|source| {
-            StoreError::Open {
+        let mut reader = super::reader::LogReader::from_fd(
+            path,
+            file.try_clone().map_err(|source| StoreError::Open {
                 path: path.to_owned(),
                 source,
-            }
-        })?)?;
+            })?,
+        )?;
         let mut chunks = 0;
         let mut ended = false;
         loop {

@@ -345,9 +345,17 @@ impl Ring {
     }
 
     /// Reads from `fd` into `buf` (owned until the completion).
-    pub(crate) fn read_owned(&mut self, fd: Arc<OwnedFd>, mut buf: Box<[u8]>, tag: u64) -> io::Result<()> {
+    pub(crate) fn read_owned(
+        &mut self,
+        fd: Arc<OwnedFd>,
+        mut buf: Box<[u8]>,
+        tag: u64,
+    ) -> io::Result<()> {
         let raw = fd.as_raw_fd();
-        let (ptr, len) = (buf.as_mut_ptr(), u32::try_from(buf.len()).unwrap_or(u32::MAX));
+        let (ptr, len) = (
+            buf.as_mut_ptr(),
+            u32::try_from(buf.len()).unwrap_or(u32::MAX),
+        );
         let ud = self.slot(tag, Owned::Read(fd, buf));
         let entry = opcode::Read::new(Fd(raw), ptr, len).build().user_data(ud);
         // SAFETY: `ptr..ptr+len` is the boxed buffer, moved (not reallocated) into the in-flight
@@ -356,7 +364,13 @@ impl Ring {
     }
 
     /// Writes `batch` (from its `done` byte on) to `fd` at `offset`.
-    pub(crate) fn writev(&mut self, fd: Arc<OwnedFd>, offset: u64, mut batch: WriteBatch, tag: u64) -> io::Result<()> {
+    pub(crate) fn writev(
+        &mut self,
+        fd: Arc<OwnedFd>,
+        offset: u64,
+        mut batch: WriteBatch,
+        tag: u64,
+    ) -> io::Result<()> {
         let mut skip = batch.done;
         let mut iovecs = std::mem::take(&mut batch.iovecs);
         iovecs.clear();
@@ -426,7 +440,11 @@ impl Ring {
     }
 
     /// Submits what was pushed and waits for at least `want` completions, or `timeout`.
-    pub(crate) fn submit_and_wait(&mut self, want: usize, timeout: Option<Duration>) -> io::Result<()> {
+    pub(crate) fn submit_and_wait(
+        &mut self,
+        want: usize,
+        timeout: Option<Duration>,
+    ) -> io::Result<()> {
         let res = match timeout {
             None => self.uring().submitter().submit_and_wait(want),
             Some(t) => {
@@ -437,7 +455,14 @@ impl Ring {
         };
         match res {
             Ok(_) => Ok(()),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
@@ -446,7 +471,11 @@ impl Ring {
     pub(crate) fn completions(&mut self, out: &mut Vec<Completion>) {
         let id = self.id;
         let mut cqes = Vec::new();
-        cqes.extend(self.uring().completion().map(|c| (c.user_data(), c.result(), c.flags())));
+        cqes.extend(
+            self.uring()
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
         for (ud, res, flags) in cqes {
             let (tag, owned) = self.inflight[ud as usize]
                 .take()
@@ -501,7 +530,10 @@ impl Drop for Ring {
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
             let mut sink = Vec::new();
             while pushed && self.live > 0 && std::time::Instant::now() < deadline {
-                if self.submit_and_wait(1, Some(Duration::from_millis(100))).is_err() {
+                if self
+                    .submit_and_wait(1, Some(Duration::from_millis(100)))
+                    .is_err()
+                {
                     break;
                 }
                 sink.clear();
@@ -559,7 +591,11 @@ mod tests {
         let batch = WriteBatch {
             parts: vec![
                 Part::Bytes(Box::new(*b"<")),
-                Part::Buf { buf, start: 6, len: 4 },
+                Part::Buf {
+                    buf,
+                    start: 6,
+                    len: 4,
+                },
             ],
             done: 0,
             iovecs: Vec::new(),
@@ -569,7 +605,9 @@ mod tests {
         ring.completions(&mut out);
         let c = out.pop().unwrap();
         assert_eq!(c.result.unwrap(), 5);
-        let Owned::Write(_, batch) = c.owned else { panic!("not a write") };
+        let Owned::Write(_, batch) = c.owned else {
+            panic!("not a write")
+        };
         for p in batch.into_parts() {
             if let Part::Buf { buf, .. } = p {
                 ring.recycle(buf);
