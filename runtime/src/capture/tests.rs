@@ -271,7 +271,7 @@ fn followers_attaching_at_random_moments_see_every_line_once_in_order() {
             let mut text = Vec::new();
             let mut first_seq = None;
             let mut last_seq = 0;
-            while let Some(c) = f.next().unwrap() {
+            while let Some(c) = f.next_chunk().unwrap() {
                 first_seq.get_or_insert(c.seq);
                 assert_eq!(
                     c.seq,

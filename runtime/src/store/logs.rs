@@ -69,7 +69,7 @@ pub fn copy_logs(
     let mut follower = Follower::new(reader, since)?;
     loop {
         let chunk = if opts.follow {
-            follower.next()?
+            follower.next_chunk()?
         } else {
             let r = follower.reader_mut();
             if r.skip_to(since)? {

@@ -1,7 +1,7 @@
 //! The state dir and the per-job log store.
 //!
 //! Layout: `<state>/jobs/<id>/log` (the append-only, sequence-numbered output log, see
-//! [`format`]) and `<state>/jobs/<id>/record.json` (the job's [`JobRecord`], replaced atomically).
+//! [`format`](mod@format)) and `<state>/jobs/<id>/record.json` (the job's [`JobRecord`], replaced atomically).
 //! The state dir is `--state-dir`, else `$JOBLET_STATE_DIR`, else `/var/lib/joblet`
 //! ([`StateDir::resolve`]).
 //!

@@ -201,7 +201,7 @@ impl LogReader {
     }
 }
 
-/// Follows a log live: [`next`](Follower::next) blocks until the next chunk is complete, and
+/// Follows a log live: [`next_chunk`](Follower::next_chunk) blocks until the next chunk is complete, and
 /// returns `None` once the end chunk has been returned.
 #[derive(Debug)]
 pub struct Follower {
@@ -260,7 +260,7 @@ impl Follower {
     }
 
     /// The next chunk, waiting for it; `None` after the end chunk.
-    pub fn next(&mut self) -> Result<Option<Chunk>, StoreError> {
+    pub fn next_chunk(&mut self) -> Result<Option<Chunk>, StoreError> {
         loop {
             if self.ended {
                 return Ok(None);
