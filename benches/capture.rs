@@ -126,6 +126,13 @@ fn joblet(dir: &Path, pipes: Vec<OwnedFd>, durable: bool) {
             ..CaptureConfig::default()
         }
     };
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u32>().ok());
+    let config = CaptureConfig {
+        buffers: env("JOBLET_BENCH_BUFFERS").map_or(config.buffers, |n| n as u16),
+        buffer_size: env("JOBLET_BENCH_BUFFER_KIB").map_or(config.buffer_size, |k| k << 10),
+        inline_writes: env("JOBLET_BENCH_INLINE").map_or(config.inline_writes, |v| v == 1),
+        ..config
+    };
     let cap = Capture::start(config).unwrap();
     let state = StateDir::new(dir);
     let handles: Vec<_> = pipes

@@ -49,19 +49,24 @@ pub struct CaptureConfig {
     pub sync_every_bytes: u64,
     /// `fdatasync` a job's log when data older than this is not yet synced.
     pub sync_interval: Duration,
+    /// Write batches with a blocking `pwritev` from the engine thread instead of through the
+    /// ring (which punts buffered writes to a kernel worker on filesystems without
+    /// `IOCB_NOWAIT` buffered writes, such as ext4). See `docs/design/capture.md`.
+    pub inline_writes: bool,
 }
 
 impl Default for CaptureConfig {
     fn default() -> Self {
         CaptureConfig {
             ring_entries: 1024,
-            buffers: 64,
-            buffer_size: 1 << 20,
+            buffers: 32,
+            buffer_size: 256 << 10,
             pipe_size: 1 << 20,
             job_cap: None,
             total_cap: None,
             sync_every_bytes: 256 << 20,
             sync_interval: Duration::from_secs(5),
+            inline_writes: false,
         }
     }
 }
@@ -967,6 +972,13 @@ impl Engine {
         job.writing = true;
         let fd = job.log.fd().clone();
         let offset = job.log.offset();
+        if self.config.inline_writes {
+            let c = self
+                .ring
+                .writev_now(fd, offset, WriteBatch::new(parts), tag(slot, OP_WRITE));
+            self.write_done(slot, c);
+            return Ok(());
+        }
         self.ring
             .writev(fd, offset, WriteBatch::new(parts), tag(slot, OP_WRITE))
             .map_err(CaptureError::Ring)

@@ -95,6 +95,15 @@ fn binary_data_and_no_trailing_newline_are_stored_exactly() {
 
 #[test]
 fn a_100_mib_line_without_newline_through_few_small_buffers() {
+    big_line(false);
+}
+
+#[test]
+fn a_100_mib_line_with_inline_writes() {
+    big_line(true);
+}
+
+fn big_line(inline_writes: bool) {
     if !uring_ok() {
         return;
     }
@@ -105,6 +114,7 @@ fn a_100_mib_line_without_newline_through_few_small_buffers() {
     let cap = Capture::start(CaptureConfig {
         buffers: 4,
         buffer_size: 64 << 10,
+        inline_writes,
         ..CaptureConfig::default()
     })
     .unwrap();
