@@ -2,6 +2,7 @@
 //!
 //! The map of the code and its invariants is in `docs/ARCHITECTURE.md`.
 
+pub mod capture;
 pub mod cgroup;
 pub mod init;
 pub mod job;
@@ -9,6 +10,7 @@ pub mod parse;
 mod rootfs;
 mod seccomp;
 pub mod spawn;
+pub mod store;
 mod sys;
 pub mod telemetry;
 #[doc(hidden)]

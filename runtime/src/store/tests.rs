@@ -1,0 +1,188 @@
+//! Unit tests of the store: format round trips, torn tails, records.
+
+use std::io::Write as _;
+
+use super::*;
+use crate::job::JobId;
+
+fn data_chunks(path: &Path) -> Vec<Chunk> {
+    let mut r = LogReader::open(path).unwrap();
+    let mut v = Vec::new();
+    while let Some(c) = r.try_next().unwrap() {
+        v.push(c);
+    }
+    v
+}
+
+#[test]
+fn appended_chunks_read_back_in_order_with_all_byte_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let mut w = LogWriter::create(&path).unwrap();
+    let all: Vec<u8> = (0..=255u8).collect();
+    assert_eq!(w.append(Stream::Stdout, &all).unwrap(), 1);
+    assert_eq!(w.append(Stream::Stderr, b"no newline").unwrap(), 2);
+    assert_eq!(w.finish().unwrap(), 3);
+    let chunks = data_chunks(&path);
+    assert_eq!(chunks.len(), 3);
+    assert_eq!(chunks[0].kind, ChunkKind::Data(Stream::Stdout));
+    assert_eq!(chunks[0].data, all);
+    assert_eq!(chunks[1].kind, ChunkKind::Data(Stream::Stderr));
+    assert_eq!(chunks[1].data, b"no newline");
+    assert_eq!(chunks[2].kind, ChunkKind::End);
+    assert_eq!(
+        chunks.iter().map(|c| c.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+}
+
+#[test]
+fn a_partial_chunk_is_not_returned_until_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let mut w = LogWriter::create(&path).unwrap();
+    w.append(Stream::Stdout, b"first").unwrap();
+    drop(w);
+    // Simulate a writer in the middle of writing the second chunk.
+    let full = format::encode_header(format::KIND_STDOUT, 2, 5, &[b"second"]);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    f.write_all(&full).unwrap();
+    f.write_all(b"sec").unwrap();
+    let mut r = LogReader::open(&path).unwrap();
+    assert_eq!(r.try_next().unwrap().unwrap().data, b"first");
+    assert_eq!(r.try_next().unwrap(), None);
+    assert_eq!(r.try_next().unwrap(), None);
+    f.write_all(b"ond").unwrap();
+    let c = r.try_next().unwrap().unwrap();
+    assert_eq!((c.seq, c.data.as_slice()), (2, &b"second"[..]));
+}
+
+#[test]
+fn recovery_truncates_a_torn_or_corrupt_tail_and_continues_the_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let mut w = LogWriter::create(&path).unwrap();
+    w.append(Stream::Stdout, b"one").unwrap();
+    w.append(Stream::Stdout, b"two").unwrap();
+    let good_len = w.len();
+    drop(w);
+    // A complete-length chunk whose payload is garbage (a power cut's zeroed page) and a tail.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    f.write_all(&format::encode_header(
+        format::KIND_STDOUT,
+        3,
+        5,
+        &[b"three"],
+    ))
+    .unwrap();
+    f.write_all(b"\0\0\0\0\0garbage").unwrap();
+    drop(f);
+    let mut r = LogReader::open(&path).unwrap();
+    r.try_next().unwrap();
+    r.try_next().unwrap();
+    assert!(matches!(r.try_next(), Err(StoreError::Corrupt { .. })));
+
+    let (mut w, rec) = LogWriter::open(&path).unwrap();
+    assert_eq!(rec.chunks, 2);
+    assert_eq!(rec.next_seq, 3);
+    assert_eq!(rec.valid_len, good_len);
+    assert_eq!(rec.torn_bytes, 32 + 12);
+    assert_eq!(w.append(Stream::Stderr, b"three").unwrap(), 3);
+    w.finish().unwrap();
+    let chunks = data_chunks(&path);
+    let datas: Vec<&[u8]> = chunks.iter().map(|c| c.data.as_slice()).collect();
+    assert_eq!(datas, vec![&b"one"[..], b"two", b"three", b""]);
+    assert!(matches!(
+        LogWriter::open(&path),
+        Err(StoreError::Ended { .. })
+    ));
+}
+
+#[test]
+fn skip_to_and_since() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let mut w = LogWriter::create(&path).unwrap();
+    for i in 0..10u8 {
+        w.append(Stream::Stdout, &[b'0' + i]).unwrap();
+    }
+    let mut r = LogReader::open(&path).unwrap();
+    assert!(r.skip_to(7).unwrap());
+    assert_eq!(r.try_next().unwrap().unwrap().data, b"6");
+    assert!(!r.skip_to(20).unwrap());
+    assert_eq!(r.position().1, 11);
+    w.finish().unwrap();
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let opts = logs::LogsOptions {
+        since: 9,
+        ..Default::default()
+    };
+    let s = logs::copy_logs(LogReader::open(&path).unwrap(), &opts, &mut out, &mut err).unwrap();
+    assert_eq!(out, b"89");
+    assert!(s.ended);
+}
+
+#[test]
+fn records_are_replaced_atomically_and_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateDir::new(dir.path());
+    let id = JobId::parse("job1").unwrap();
+    let mut rec = crate::job::JobRecord {
+        id: id.clone(),
+        name: None,
+        labels: Default::default(),
+        command: vec!["true".into()],
+        state: crate::job::JobState::Running,
+        exit_code: None,
+        signal: None,
+        oom_killed: false,
+        timed_out: false,
+        stopped: false,
+        started_at_ns: 5,
+        wall_ns: 0,
+        cpu_user_ns: 0,
+        cpu_system_ns: 0,
+        memory_peak_bytes: None,
+        limits: Default::default(),
+        runtime: Default::default(),
+        error: None,
+        latency: None,
+    };
+    state.create_job(&id).unwrap();
+    state.write_record(&rec).unwrap();
+    rec.state = crate::job::JobState::Exited;
+    rec.exit_code = Some(0);
+    state.write_record(&rec).unwrap();
+    assert_eq!(state.read_record(&id).unwrap(), rec);
+    assert_eq!(state.records().unwrap(), vec![rec.clone()]);
+    assert!(logs::ps_filter(state.records().unwrap(), false).is_empty());
+    let table = logs::ps_table(&[rec], 10);
+    assert!(
+        table.contains("job1") && table.contains("exited"),
+        "{table}"
+    );
+    // No temporary file is left behind.
+    let names: Vec<_> = std::fs::read_dir(state.job_dir(&id))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    let missing = JobId::parse("nope").unwrap();
+    assert!(matches!(
+        state.read_record(&missing),
+        Err(StoreError::NoSuchJob { .. })
+    ));
+}
+
+#[test]
+fn state_dir_resolution_prefers_the_flag() {
+    let s = StateDir::resolve(Some("/x".into()));
+    assert_eq!(s.root(), Path::new("/x"));
+}
