@@ -40,6 +40,52 @@ pub(crate) enum Command {
     /// for, and orphans are not reaped unless it reaps them. Use --init for a minimal init that
     /// forwards signals and reaps zombies.
     Run(Box<RunArgs>),
+
+    /// List jobs: id, state, exit code, start time, duration, command.
+    Ps {
+        /// Show every job, not only running ones.
+        #[arg(short, long)]
+        all: bool,
+        /// Print the records as a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Print a job's output, exactly as it wrote it (stdout to stdout, stderr to stderr).
+    Logs {
+        /// The job id (or a unique prefix of it).
+        id: String,
+        /// Follow the output until the job ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// Start at this sequence number.
+        #[arg(long, value_name = "SEQ", default_value_t = 1)]
+        since: u64,
+        /// Only this stream.
+        #[arg(long, value_enum)]
+        stream: Option<StreamArg>,
+        /// Prefix each line with the time it was captured (RFC 3339).
+        #[arg(short, long)]
+        timestamps: bool,
+    },
+
+    /// Show a job's stored record.
+    Inspect {
+        /// The job id (or a unique prefix of it).
+        id: String,
+        /// Print the record as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// An output stream.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub(crate) enum StreamArg {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
 }
 
 /// Options of `joblet run`.
@@ -285,6 +331,7 @@ mod tests {
         v.extend_from_slice(args);
         Cli::try_parse_from(v).map(|c| match c.command {
             Command::Run(r) => *r,
+            other => panic!("not run: {other:?}"),
         })
     }
 

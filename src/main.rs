@@ -7,16 +7,19 @@ mod cli;
 
 use std::ffi::OsString;
 use std::io::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use clap::Parser as _;
-use joblet_runtime::job::JobRecord;
+use joblet_runtime::capture::{Capture, CaptureConfig};
+use joblet_runtime::job::{JobId, JobRecord, OutputInfo};
 use joblet_runtime::spawn::{self, SuperviseOptions};
+use joblet_runtime::store::logs::{LogsOptions, copy_logs, ps_filter, ps_table};
+use joblet_runtime::store::{StateDir, Stream};
 use joblet_runtime::{Runtime, RuntimeConfig, SignalForwarder, SpawnError, Stdio};
 
-use crate::cli::{Cli, Command, RunArgs};
+use crate::cli::{Cli, Command, RunArgs, StreamArg};
 
 /// joblet's own failure (bad option, setup error), as docker.
 const EXIT_JOBLET_FAILED: u8 = 125;
@@ -43,14 +46,36 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_JOBLET_FAILED);
         }
     };
-    match cli.command {
-        Command::Run(run) => match cmd_run(&cli.state_dir, &run) {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("joblet: {e:#}");
-                ExitCode::from(exit_code(&e))
-            }
-        },
+    let state = StateDir::resolve(cli.state_dir.clone());
+    let result = match &cli.command {
+        Command::Run(run) => cmd_run(&state, run),
+        Command::Ps { all, json } => cmd_ps(&state, *all, *json),
+        Command::Logs {
+            id,
+            follow,
+            since,
+            stream,
+            timestamps,
+        } => {
+            let opts = LogsOptions {
+                since: *since,
+                stream: stream.map(|s| match s {
+                    StreamArg::Stdout => Stream::Stdout,
+                    StreamArg::Stderr => Stream::Stderr,
+                }),
+                timestamps: *timestamps,
+                follow: *follow,
+            };
+            cmd_logs(&state, id, &opts)
+        }
+        Command::Inspect { id, json } => cmd_inspect(&state, id, *json),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("joblet: {e:#}");
+            ExitCode::from(exit_code(&e))
+        }
     }
 }
 
@@ -62,12 +87,12 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     }
 }
 
-fn cmd_run(state_dir: &Option<std::path::PathBuf>, args: &RunArgs) -> anyhow::Result<ExitCode> {
+fn cmd_run(state: &StateDir, args: &RunArgs) -> anyhow::Result<ExitCode> {
     let spec = args.to_spec();
-    let mut config = RuntimeConfig::default();
-    if let Some(d) = state_dir {
-        config.state_dir = d.clone();
-    }
+    let config = RuntimeConfig {
+        state_dir: state.root().to_owned(),
+        ..RuntimeConfig::default()
+    };
     let mut runtime = Runtime::new(&config)?;
     runtime.validate(&spec)?;
     if args.trace {
@@ -78,15 +103,99 @@ fn cmd_run(state_dir: &Option<std::path::PathBuf>, args: &RunArgs) -> anyhow::Re
     }
     // Before the spawn, so a Ctrl-C during it is queued and forwarded, not lost.
     let signals = SignalForwarder::new().context("failed to set up signal forwarding")?;
-    let stdio = Stdio::inherit(args.interactive).context("failed to duplicate stdio")?;
-    let job = runtime.spawn(&spec, stdio)?;
+
+    // The job writes into pipes captured into its log; the terminal shows the log as stored,
+    // so what the terminal showed is what was stored.
+    let log = state.create_job(&spec.id)?;
+    let pipe = || rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC);
+    let (out_r, out_w) = pipe().context("failed to create the stdout pipe")?;
+    let (err_r, err_w) = pipe().context("failed to create the stderr pipe")?;
+    let capture = Capture::start(CaptureConfig::default())?;
+    let handle = capture.add(spec.id.clone(), Some(out_r), Some(err_r), log)?;
+    let reader = state.open_log(&spec.id)?;
+    let view = std::thread::spawn(move || {
+        let opts = LogsOptions {
+            since: 1,
+            stream: None,
+            timestamps: false,
+            follow: true,
+        };
+        copy_logs(
+            reader,
+            &opts,
+            &mut std::io::stdout().lock(),
+            &mut std::io::stderr().lock(),
+        )
+    });
+    let stdin = if args.interactive {
+        Some(
+            rustix::io::fcntl_dupfd_cloexec(rustix::stdio::stdin(), 3)
+                .context("failed to duplicate stdin")?,
+        )
+    } else {
+        None
+    };
+
+    let job = match runtime.spawn(
+        &spec,
+        Stdio {
+            stdin,
+            stdout: out_w,
+            stderr: err_w,
+        },
+    ) {
+        Ok(job) => job,
+        Err(e) => {
+            // The pipes' write ends are closed: capture ends, the view drains, the record says why.
+            let _ = handle.wait();
+            let _ = view.join();
+            let _ = state.write_record(&spawn::failed_record(
+                &spec,
+                runtime.cgroups().layout().as_str(),
+                &e,
+            ));
+            return Err(e.into());
+        }
+    };
+    state.write_record_unsynced(job.record())?;
     let opts = SuperviseOptions {
         timeout: spec.limits.timeout,
         grace: args.grace,
     };
     let (status, reason) =
         spawn::supervise(&job, opts, Some(&signals)).context("failed to supervise the job")?;
-    let (record, latency) = job.finish_traced(status, reason);
+    let (mut record, latency) = job.finish_traced(status, reason);
+
+    // Every process of the job is gone, so both pipes are at EOF: capture finishes the log.
+    let output = match handle.wait() {
+        Ok(s) => OutputInfo {
+            stdout_bytes: s.stdout_bytes,
+            stderr_bytes: s.stderr_bytes,
+            lost_bytes: s.lost_stdout + s.lost_stderr,
+            last_seq: s.end_seq,
+            error: s
+                .write_error
+                .map(|e| format!("{:#}", anyhow::Error::new(e))),
+        },
+        Err(e) => OutputInfo {
+            error: Some(format!("{:#}", anyhow::Error::new(e))),
+            ..OutputInfo::default()
+        },
+    };
+    let capture_failed = output.error.is_some();
+    record.output = Some(output);
+    state.write_record(&record)?;
+    if !capture_failed {
+        match view.join() {
+            Ok(Err(e)) => eprintln!(
+                "joblet: warning: failed to show the job's output: {:#}",
+                anyhow::Error::new(e)
+            ),
+            Err(_) => eprintln!("joblet: warning: the output view panicked"),
+            Ok(Ok(_)) => {}
+        }
+    }
+    let _ = capture.shutdown();
     if let Some(lat) = &latency {
         eprintln!("{lat}");
     }
@@ -97,14 +206,102 @@ fn cmd_run(state_dir: &Option<std::path::PathBuf>, args: &RunArgs) -> anyhow::Re
     if let Some(err) = &record.error {
         eprintln!("joblet: warning: job {}: {err}", record.id);
     }
+    if let Some(err) = record.output.as_ref().and_then(|o| o.error.as_ref()) {
+        eprintln!(
+            "joblet: warning: job {}: output capture failed: {err}",
+            record.id
+        );
+    }
     Ok(ExitCode::from(status.code().clamp(0, 255) as u8))
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn cmd_ps(state: &StateDir, all: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let records = if state.jobs_dir().exists() {
+        state.records()?
+    } else {
+        Vec::new()
+    };
+    let records = ps_filter(records, all);
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &records)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", ps_table(&records, now_ns()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// An exact id, or a prefix matching exactly one job.
+fn resolve_id(state: &StateDir, id: &str) -> anyhow::Result<JobId> {
+    let Some(wanted) = JobId::parse(id) else {
+        bail!("invalid job id {id:?}");
+    };
+    if state.job_dir(&wanted).is_dir() {
+        return Ok(wanted);
+    }
+    let ids = if state.jobs_dir().exists() {
+        state.job_ids()?
+    } else {
+        Vec::new()
+    };
+    let matches: Vec<JobId> = ids
+        .into_iter()
+        .filter(|j| j.as_str().starts_with(id))
+        .collect();
+    match matches.len() {
+        1 => Ok(matches.into_iter().next().expect("one match")),
+        0 => bail!("no such job: {id}"),
+        n => bail!("job id prefix {id:?} is ambiguous ({n} jobs match)"),
+    }
+}
+
+fn cmd_logs(state: &StateDir, id: &str, opts: &LogsOptions) -> anyhow::Result<ExitCode> {
+    let id = resolve_id(state, id)?;
+    let reader = state.open_log(&id)?;
+    let summary = copy_logs(
+        reader,
+        opts,
+        &mut std::io::stdout().lock(),
+        &mut std::io::stderr().lock(),
+    )?;
+    if opts.follow && !summary.ended {
+        bail!("job {id}: the log ended without its end marker");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_inspect(state: &StateDir, id: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let id = resolve_id(state, id)?;
+    let record = state.read_record(&id)?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &record)?;
+        writeln!(out)?;
+    } else {
+        let v = serde_json::to_value(&record)?;
+        if let serde_json::Value::Object(map) = v {
+            for (k, v) in map {
+                if !v.is_null() {
+                    writeln!(out, "{k:<18} {v}")?;
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Writes the record atomically: a reader never sees half a report.
 fn write_report(path: &Path, record: &JobRecord) -> anyhow::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
+    let tmp = PathBuf::from(tmp);
     let mut f = std::fs::File::create(&tmp)?;
     serde_json::to_writer_pretty(&mut f, record)?;
     f.write_all(b"\n")?;

@@ -323,9 +323,28 @@ pub struct JobRecord {
     /// Why joblet failed to start or supervise the job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What was captured of the job's output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<OutputInfo>,
     /// Kernel-level latency measured by the eBPF probes (`--trace`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency: Option<serde_json::Value>,
+}
+
+/// The job's captured output, for the record.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputInfo {
+    /// Bytes of stdout stored.
+    pub stdout_bytes: u64,
+    /// Bytes of stderr stored.
+    pub stderr_bytes: u64,
+    /// Bytes dropped by a size cap or a full disk (each loss has a marker in the log).
+    pub lost_bytes: u64,
+    /// Sequence number of the log's end chunk.
+    pub last_seq: u64,
+    /// Why capture failed, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// How a job was run, for the record.

@@ -241,6 +241,24 @@ impl Checkpointed {
     }
 }
 
+/// Waits (up to 5 s) until `pid` is sleeping, i.e. switched out and blocked, so both the probes
+/// and schedstat have accounted its last on-CPU stretch. A fixed sleep is not enough on a loaded
+/// machine: the shell may still be on its way to read(2).
+fn wait_blocked(pid: u32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next());
+        if state == Some('S') || std::time::Instant::now() > deadline {
+            std::thread::sleep(Duration::from_millis(5));
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Figures of the busy phase of one job: (probe run-queue total, schedstat run_delay delta,
 /// probe on-CPU delta, schedstat on-CPU delta, probe run-queue waits), all ns.
 fn busy_phase(t: &Telemetry, tag: &str, cpu: u32) -> (u64, u64, u64, u64, u64) {
@@ -249,15 +267,15 @@ fn busy_phase(t: &Telemetry, tag: &str, cpu: u32) -> (u64, u64, u64, u64, u64) {
     let mut job = Checkpointed::start(&cg, cpu);
     let pid = job.child.id();
     job.expect_line("ready");
-    // Let the shell block in read(2): a running task's on-CPU time is only counted (by the
-    // probes and by schedstat alike) when it is switched out.
-    std::thread::sleep(Duration::from_millis(20));
+    // Let the shell block in read(2): a running task's on-CPU time is only counted by the
+    // probes when it is switched out, while schedstat includes the current stretch.
+    wait_blocked(pid);
     let before = t.snapshot(cg.id).expect("snapshot");
     let (cpu0, delay0) = schedstat(pid);
     job.resume();
     job.expect_line("done");
     // Let the shell block in read(2) so its last on-CPU stretch is accounted.
-    std::thread::sleep(Duration::from_millis(20));
+    wait_blocked(pid);
     let after = t.snapshot(cg.id).expect("snapshot");
     let (cpu1, delay1) = schedstat(pid);
     drop(job.stdin);

@@ -860,8 +860,20 @@ fn base_record(spec: &JobSpec, layout: &str, path: &str, cgroup_id: u64) -> JobR
             gid: spec.sandbox.gid,
         },
         error: None,
+        output: None,
         latency: None,
     }
+}
+
+/// The record of a job that could not be started: state `failed`, with the error.
+pub fn failed_record(spec: &JobSpec, layout: &str, error: &SpawnError) -> JobRecord {
+    let mut r = base_record(spec, layout, "", 0);
+    r.state = JobState::Failed;
+    r.started_at_ns = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    r.error = Some(anyhow_like(error));
+    r
 }
 
 /// Options of [`supervise`].

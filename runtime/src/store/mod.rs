@@ -227,6 +227,16 @@ impl StateDir {
     /// over `record.json` (and the directory synced), so a reader sees the old or the new record,
     /// never a mix, even after a power cut.
     pub fn write_record(&self, record: &JobRecord) -> Result<(), StoreError> {
+        self.replace_record(record, true)
+    }
+
+    /// Writes the record like [`StateDir::write_record`] but without syncing: for the `running`
+    /// record written on the spawn path, which a crash may lose (the final record is durable).
+    pub fn write_record_unsynced(&self, record: &JobRecord) -> Result<(), StoreError> {
+        self.replace_record(record, false)
+    }
+
+    fn replace_record(&self, record: &JobRecord, durable: bool) -> Result<(), StoreError> {
         let dir = self.job_dir(&record.id);
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -252,7 +262,7 @@ impl StateDir {
                 .mode(0o600)
                 .open(&tmp)?;
             f.write_all(&json)?;
-            f.sync_data()
+            if durable { f.sync_data() } else { Ok(()) }
         };
         if let Err(source) = write() {
             let _ = std::fs::remove_file(&tmp);
@@ -265,7 +275,7 @@ impl StateDir {
                 source,
             }
         })?;
-        sync_dir(&dir)
+        if durable { sync_dir(&dir) } else { Ok(()) }
     }
 
     /// Reads a job's record.

@@ -153,6 +153,7 @@ fn records_are_replaced_atomically_and_listed() {
         limits: Default::default(),
         runtime: Default::default(),
         error: None,
+        output: None,
         latency: None,
     };
     state.create_job(&id).unwrap();
