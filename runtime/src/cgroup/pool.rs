@@ -3,7 +3,7 @@
 //! A new cgroup set costs a `mkdir` per hierarchy (the kernel allocates the controllers' state
 //! and creates every interface file), a first `open` of each file written (which instantiates its
 //! inode) and an `rmdir` later: more than all of a job's namespaces together. A pool keeps emptied
-//! sets, with their directory and `cgroup.procs` fds still open, and hands them to later jobs.
+//! sets, with their directory and join (`tasks`) fds still open, and hands them to later jobs.
 //!
 //! A job must not see anything of the jobs that used its set before, so:
 //! - limits: every limit file whose value differs from what the next job wants is rewritten,
