@@ -437,10 +437,7 @@ fn hybrid_create_writes_every_limit_in_v1() {
     assert_eq!(read(cpuset.join("cpuset.cpus")), "1\n");
     assert_eq!(read(fake.job("pids", "h1").join("pids.max")), "64\n");
     let blkio = fake.job("blkio", "h1");
-    assert_eq!(
-        files(&blkio),
-        ["blkio.throttle.read_bps_device", "tasks"]
-    );
+    assert_eq!(files(&blkio), ["blkio.throttle.read_bps_device", "tasks"]);
     assert_eq!(
         read(blkio.join("blkio.throttle.read_bps_device")),
         "8:0 1048576\n"
