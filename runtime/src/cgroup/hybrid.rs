@@ -3,7 +3,7 @@
 //!
 //! A job is born in its v2 cgroup (`<root>/unified/joblet/<job>`: the id the eBPF probes key on,
 //! and the source of CPU time through `cpu.stat`), then joins its v1 cgroups from the child before
-//! exec by writing `0` to `cgroup.procs` fds opened here. Only the v1 cgroups a job needs are
+//! exec by writing `0` to `tasks` fds opened here (see [`JOIN_FILE`]). Only the v1 cgroups a job needs are
 //! made: `memory` always (peak memory and OOM kills are always reported), `cpu`, `cpuset`, `pids`
 //! and `blkio` only for the limits that are set, since every directory costs a `mkdir`, some
 //! writes, a join in the child and an `rmdir`.
@@ -18,6 +18,18 @@ use super::{
     PARENT_NAME, check_name, check_values, merged_io, parse_cpus,
 };
 use crate::job::{CpuList, IoLimit, Limits};
+
+/// The v1 file the child writes `0` to, joining with its only thread.
+///
+/// Not `cgroup.procs`: moving a whole thread group takes the global
+/// `cgroup_threadgroup_rwsem` for writing, whose `percpu_down_write` waits for an RCU grace
+/// period whenever no other migration happened in the last one, which is every time for a
+/// one-shot `joblet run` (5 to 18 ms measured on the hybrid CI host, kernel 6.18). A thread
+/// moving itself through `tasks` skips that lock (kernels with "cgroup: Optimize single thread
+/// migration", around 6.0; older ones take it either way): ~50 us. The result is the same: the
+/// child is a new thread group with one thread, and every thread or process the job starts later
+/// is born in the cgroups of its creator.
+pub(crate) const JOIN_FILE: &str = "tasks";
 
 /// A v1 controller joblet uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -465,7 +477,7 @@ impl HybridDriver {
                 cs.dir.write(&format!("{name}/cpuset.mems"), &cs.mems)?;
             }
             self.write_limits(*c, name, &none, limits)?;
-            join_procs.push(dir.open_write(&format!("{name}/cgroup.procs"))?);
+            join_procs.push(dir.open_write(&format!("{name}/{JOIN_FILE}"))?);
         }
         let memory = self.memory.as_ref().map(|m| MemoryFiles {
             dir: Arc::clone(&m.dir),

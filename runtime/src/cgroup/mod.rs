@@ -6,7 +6,7 @@
 //! - [`hybrid::HybridDriver`], cgroup v2 mounted at `unified/` with no controllers plus the v1
 //!   controllers under `/sys/fs/cgroup/NAME`: the job is born in a controller-less v2 cgroup (whose
 //!   id the eBPF probes see, and whose `cpu.stat` gives its CPU time) and joins its v1 cgroups from
-//!   the child, through `cgroup.procs` fds opened here.
+//!   the child, through `tasks` fds opened here.
 //!
 //! All of joblet's cgroups live under one parent named `joblet` in each hierarchy; a job's cgroup
 //! set is removed when the job ends (or, with a pool, kept for the next job: see [`pool`]).
@@ -173,8 +173,8 @@ pub struct JobCgroup {
     pub(crate) name: String,
     /// The job's v2 directory, opened `O_RDONLY | O_DIRECTORY`: the fd for `CLONE_INTO_CGROUP`.
     pub(crate) v2: Dir,
-    /// `cgroup.procs` files (opened `O_WRONLY`) the child writes `0` to before exec: the v1
-    /// cgroups on a hybrid host. Empty on pure v2.
+    /// `tasks` files (opened `O_WRONLY`) the child writes `0` to before exec: the v1 cgroups on
+    /// a hybrid host (see [`hybrid::JOIN_FILE`]). Empty on pure v2.
     #[allow(dead_code, reason = "read by spawn, developed on another branch")]
     pub(crate) join_procs: Vec<OwnedFd>,
     /// The parents under which `name` was created, in removal order. The job's directories are
@@ -279,8 +279,8 @@ impl JobCgroup {
         self.v2.fd()
     }
 
-    /// The `cgroup.procs` fds (`O_WRONLY | O_CLOEXEC`) of the v1 cgroups the child joins by
-    /// writing `0` before exec. Empty on pure v2.
+    /// The `tasks` fds (`O_WRONLY | O_CLOEXEC`) of the v1 cgroups the child joins by writing `0`
+    /// before exec. Empty on pure v2.
     pub(crate) fn join_procs(&self) -> &[OwnedFd] {
         &self.join_procs
     }

@@ -421,26 +421,23 @@ fn hybrid_create_writes_every_limit_in_v1() {
     assert_eq!(
         files(&mem),
         [
-            "cgroup.procs",
             "memory.limit_in_bytes",
-            "memory.memsw.limit_in_bytes"
+            "memory.memsw.limit_in_bytes",
+            "tasks"
         ]
     );
     assert_eq!(read(mem.join("memory.limit_in_bytes")), "104857600\n");
     assert_eq!(read(mem.join("memory.memsw.limit_in_bytes")), "104857600\n");
     let cpu = fake.job("cpu", "h1");
-    assert_eq!(files(&cpu), ["cgroup.procs", "cpu.cfs_quota_us"]);
+    assert_eq!(files(&cpu), ["cpu.cfs_quota_us", "tasks"]);
     assert_eq!(read(cpu.join("cpu.cfs_quota_us")), "150000\n");
     // mems come from the parent through cgroup.clone_children.
     let cpuset = fake.job("cpuset", "h1");
-    assert_eq!(files(&cpuset), ["cgroup.procs", "cpuset.cpus"]);
+    assert_eq!(files(&cpuset), ["cpuset.cpus", "tasks"]);
     assert_eq!(read(cpuset.join("cpuset.cpus")), "1\n");
     assert_eq!(read(fake.job("pids", "h1").join("pids.max")), "64\n");
     let blkio = fake.job("blkio", "h1");
-    assert_eq!(
-        files(&blkio),
-        ["blkio.throttle.read_bps_device", "cgroup.procs"]
-    );
+    assert_eq!(files(&blkio), ["blkio.throttle.read_bps_device", "tasks"]);
     assert_eq!(
         read(blkio.join("blkio.throttle.read_bps_device")),
         "8:0 1048576\n"
@@ -460,8 +457,8 @@ fn hybrid_without_limits_makes_only_v2_and_memory() {
     let cg = fake.driver().create("h2", &Limits::default()).unwrap();
     assert_eq!(cg.join_procs().len(), 1);
     assert!(fake.unified.join("joblet/h2").is_dir());
-    // Only the cgroup.procs the join fd opened: no limit written.
-    assert_eq!(files(&fake.job("memory", "h2")), ["cgroup.procs"]);
+    // Only the tasks file the join fd opened: no limit written.
+    assert_eq!(files(&fake.job("memory", "h2")), ["tasks"]);
     for c in ["cpu", "cpuset", "pids", "blkio"] {
         assert!(!fake.job(c, "h2").exists(), "{c}");
     }
@@ -480,7 +477,7 @@ fn hybrid_without_memsw_turns_swappiness_off() {
     let mem = fake.job("memory", "h3");
     assert_eq!(
         files(&mem),
-        ["cgroup.procs", "memory.limit_in_bytes", "memory.swappiness"]
+        ["memory.limit_in_bytes", "memory.swappiness", "tasks"]
     );
     assert_eq!(read(mem.join("memory.swappiness")), "0\n");
     cg.remove().unwrap();
