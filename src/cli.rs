@@ -69,6 +69,17 @@ pub(crate) enum Command {
         timestamps: bool,
     },
 
+    /// A live table of running jobs: CPU, memory, run-queue wait p50/p99, off-CPU time,
+    /// context switches, measured in the kernel by the eBPF probes. Needs root.
+    Top {
+        /// Refresh interval.
+        #[arg(long, value_name = "DURATION", value_parser = duration_arg, default_value = "1s")]
+        interval: Duration,
+        /// Print one table after one interval and exit.
+        #[arg(long)]
+        once: bool,
+    },
+
     /// Show a job's stored record.
     Inspect {
         /// The job id (or a unique prefix of it).

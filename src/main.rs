@@ -4,6 +4,7 @@
 //! what the job's outcome dictates (see `joblet run --help`).
 
 mod cli;
+mod top;
 
 use std::ffi::OsString;
 use std::io::Write as _;
@@ -69,6 +70,9 @@ fn main() -> ExitCode {
             cmd_logs(&state, id, &opts)
         }
         Command::Inspect { id, json } => cmd_inspect(&state, id, *json),
+        Command::Top { interval, once } => {
+            top::run(&state, *interval, *once).map(|()| ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,

@@ -354,6 +354,9 @@ pub struct RuntimeInfo {
     pub cgroup_layout: String,
     /// The id of the job's cgroup v2 directory (what `bpf_get_current_cgroup_id()` returns).
     pub cgroup_id: u64,
+    /// The job's cgroup v2 directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_path: Option<std::path::PathBuf>,
     /// Which spawn path ran (e.g. `clone3-vfork-into-cgroup`).
     pub spawn_path: String,
     /// The job's network mode.

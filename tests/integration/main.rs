@@ -8,6 +8,7 @@ mod exit_codes;
 mod isolation;
 mod lifecycle;
 mod limits;
+mod state;
 mod vm_sanity;
 
 use std::path::PathBuf;

@@ -618,3 +618,22 @@ pub fn detect(root: &Path) -> Result<Box<dyn CgroupDriver>, CgroupError> {
         reason,
     })
 }
+
+/// Current memory use of a job, from its v2 directory `v2_path` (as in the job record): v2
+/// `memory.current`, or on a hybrid host (`.../unified/joblet/X`) the v1
+/// `.../memory/joblet/X/memory.usage_in_bytes`. For live views (`joblet top`); `None` when
+/// the cgroup is gone or has no memory accounting.
+pub fn memory_current(v2_path: &Path) -> Option<u64> {
+    let read = |p: PathBuf| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok();
+    if let Some(v) = read(v2_path.join("memory.current")) {
+        return Some(v);
+    }
+    let s = v2_path.to_str()?;
+    let (root, rest) = s.split_once("/unified/")?;
+    read(
+        Path::new(root)
+            .join("memory")
+            .join(rest)
+            .join("memory.usage_in_bytes"),
+    )
+}

@@ -277,7 +277,13 @@ impl Runtime {
         );
         match result {
             Ok((pid, pidfd, path)) => Ok(Job {
-                record: base_record(spec, self.cgroups.layout().as_str(), path, cgroup.id()),
+                record: {
+                    let mut r =
+                        base_record(spec, self.cgroups.layout().as_str(), path, cgroup.id());
+                    r.runtime.cgroup_path = Some(cgroup.path().to_owned());
+                    r.started_at_ns = started_at_ns;
+                    r
+                },
                 telemetry: self.telemetry.clone(),
                 id: spec.id.clone(),
                 pid,
@@ -854,6 +860,7 @@ fn base_record(spec: &JobSpec, layout: &str, path: &str, cgroup_id: u64) -> JobR
         runtime: RuntimeInfo {
             cgroup_layout: layout.to_owned(),
             cgroup_id,
+            cgroup_path: None,
             spawn_path: path.to_owned(),
             network: Some(spec.sandbox.network),
             uid: spec.sandbox.uid,
