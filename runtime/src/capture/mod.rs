@@ -724,8 +724,13 @@ impl Engine {
                 Ok(n) => *n as usize,
                 Err(_) => 0,
             };
-        if c.result.as_ref().is_ok_and(|&n| n > 0) && done < total {
-            // Short write: continue where it stopped.
+        // Short write: continue where it stopped. EINTR/EAGAIN are transient (seen on Linux
+        // 6.1 for io-wq writes under load, in the VM lane): resubmit the unwritten rest.
+        let retry = match &c.result {
+            Ok(n) => *n > 0 && done < total,
+            Err(e) => matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)),
+        };
+        if retry {
             batch.done = done;
             let offset = job.log.offset() + done as u64;
             job.writing = true;

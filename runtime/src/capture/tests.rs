@@ -228,7 +228,7 @@ fn a_thousand_jobs_writing_at_once() {
     for (id, h, t, n) in jobs {
         t.join().unwrap();
         let s = h.wait().unwrap();
-        assert!(s.write_error.is_none());
+        assert!(s.write_error.is_none(), "job {n}: {:?}", s.write_error);
         let rb = read_back(&state.log_path(&id));
         let want_out: String = (0..200).map(|l| format!("job {n} out {l}\n")).collect();
         let want_err: String = (0..200)

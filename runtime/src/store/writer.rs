@@ -297,12 +297,20 @@ impl LogWriter {
         // Reserve ahead by as much again (up to 4 MiB) to make fallocate calls rare for a fast
         // job without holding much disk for many slow ones.
         let end = need + n.min(4 << 20);
-        match rustix::fs::fallocate(
-            &*self.file,
-            FallocateFlags::KEEP_SIZE,
-            self.offset,
-            end - self.offset,
-        ) {
+        // tmpfs's fallocate gives up with EINTR when a signal is pending (seen on Linux 6.1
+        // with 1,000 jobs in the VM lane); it reserved nothing then, so try again.
+        let reserve = || loop {
+            match rustix::fs::fallocate(
+                &*self.file,
+                FallocateFlags::KEEP_SIZE,
+                self.offset,
+                end - self.offset,
+            ) {
+                Err(rustix::io::Errno::INTR) => continue,
+                r => break r,
+            }
+        };
+        match reserve() {
             Ok(()) => {
                 self.reserved_end = end;
                 Ok(())

@@ -325,7 +325,13 @@ impl Ring {
             if unsafe { self.uring().submission().push(&entry) }.is_ok() {
                 return Ok(());
             }
-            self.uring().submit()?;
+            match self.uring().submit() {
+                Ok(_) => {}
+                // A signal or pending task work interrupted io_uring_enter (seen on Linux 6.1
+                // with many jobs); nothing was lost, submit again.
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(e),
+            }
         }
     }
 
