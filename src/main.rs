@@ -91,6 +91,8 @@ fn cmd_run(state: &StateDir, args: &RunArgs) -> anyhow::Result<ExitCode> {
     let spec = args.to_spec();
     let config = RuntimeConfig {
         state_dir: state.root().to_owned(),
+        // One job: a template would be built for it alone (see docs/design/spawn.md).
+        root_template: std::env::var_os("JOBLET_ROOT_TEMPLATE").is_some_and(|v| v == "1"),
         ..RuntimeConfig::default()
     };
     let mut runtime = Runtime::new(&config)?;

@@ -13,6 +13,7 @@
 //! The step-by-step sequence, its fallbacks and why are in `docs/design/spawn.md`.
 
 pub(crate) mod child;
+mod template;
 
 use std::cell::RefCell;
 use std::ffi::CString;
@@ -79,6 +80,15 @@ pub enum SpawnError {
         #[source]
         source: io::Error,
     },
+    /// The shared root template could not be built.
+    #[error("failed to {what} in the root template")]
+    Template {
+        /// The failed step, described.
+        what: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
     /// A setup step in the child failed.
     #[error("failed to {what} for job {job}")]
     Setup {
@@ -123,6 +133,10 @@ pub struct RuntimeConfig {
     /// How many emptied cgroup sets to keep for reuse (0: a fresh set per job). Worth it for
     /// long-lived processes that spawn many jobs (the daemon, benchmarks); see `cgroup::pool`.
     pub cgroup_pool: usize,
+    /// Build the static part of the minimal root once per runtime and copy it into each job
+    /// (see `docs/design/spawn.md`, "Root template"). Worth it for processes that spawn more
+    /// than one job; a one-shot `joblet run` builds the root in the job itself.
+    pub root_template: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -131,6 +145,7 @@ impl Default for RuntimeConfig {
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             state_dir: default_state_dir(),
             cgroup_pool: 0,
+            root_template: true,
         }
     }
 }
@@ -150,6 +165,7 @@ pub struct Runtime {
     stage: PathBuf,
     online_cpus: u32,
     init_exe: std::sync::OnceLock<Result<OwnedFd, Errno>>,
+    template: std::sync::Mutex<TemplateState>,
     telemetry: Option<std::sync::Arc<crate::telemetry::Telemetry>>,
 }
 
@@ -178,6 +194,11 @@ impl Runtime {
             stage,
             online_cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             init_exe: std::sync::OnceLock::new(),
+            template: std::sync::Mutex::new(if config.root_template {
+                TemplateState::Unbuilt
+            } else {
+                TemplateState::Off
+            }),
             telemetry: None,
         })
     }
@@ -225,7 +246,12 @@ impl Runtime {
             return Err(SpawnError::Invalid("no command given".into()));
         }
         let sb = &spec.sandbox;
-        let mounts = rootfs::plan(&self.stage, &self.host, sb, sb.uid, sb.gid)?;
+        let template = if rootfs::templatable(sb) {
+            self.template()?
+        } else {
+            None
+        };
+        let mounts = self.mount_plan(spec, template.is_some())?;
         let exec = self.prepare_exec(spec)?;
         let seccomp = if sb.seccomp {
             Some(crate::seccomp::default_filter()?)
@@ -267,6 +293,7 @@ impl Runtime {
             .map_or(0, |d| d.as_nanos() as u64);
         let result = self.clone_child(
             spec,
+            template.as_deref(),
             &cgroup,
             &mounts,
             &exec,
@@ -300,6 +327,7 @@ impl Runtime {
     fn clone_child(
         &self,
         spec: &JobSpec,
+        template: Option<&template::Template>,
         cgroup: &JobCgroup,
         mounts: &[MountOp],
         exec: &PreparedExec,
@@ -322,9 +350,13 @@ impl Runtime {
             | sys::clone3::CLONE_VFORK
             | sys::clone3::CLONE_PIDFD
             | sys::clone3::CLONE_NEWPID
-            | sys::clone3::CLONE_NEWNS
             | sys::clone3::CLONE_NEWIPC
             | sys::clone3::CLONE_NEWUTS;
+        // With a template the child enters a copy of the template's mount namespace instead:
+        // copying the host's first would only be thrown away.
+        if template.is_none() {
+            flags |= sys::clone3::CLONE_NEWNS;
+        }
         if spec.sandbox.network == NetworkMode::None {
             flags |= sys::clone3::CLONE_NEWNET;
         }
@@ -332,6 +364,7 @@ impl Runtime {
             let plan = ChildPlan {
                 err_pipe: err_write.as_fd(),
                 join_procs: join,
+                root_template: template.map(|t| t.ns()),
                 mounts,
                 hostname,
                 loopback: spec.sandbox.network == NetworkMode::None,
@@ -391,7 +424,12 @@ impl Runtime {
                     source: io::Error::other("kernel returned pid 0"),
                 })?;
                 drop(err_write);
-                self.check_child(spec, err_read, pid, pidfd, path)
+                let path = match (template.is_some(), path) {
+                    (true, "clone3-vfork-into-cgroup") => "clone3-vfork-into-cgroup+root-template",
+                    (true, _) => "clone3-vfork-join-cgroup+root-template",
+                    (false, p) => p,
+                };
+                self.check_child(spec, template.is_some(), err_read, pid, pidfd, path)
             }
             Ok((_, None)) => Err(SpawnError::Sys {
                 op: "clone3",
@@ -408,6 +446,7 @@ impl Runtime {
     fn check_child(
         &self,
         spec: &JobSpec,
+        templated: bool,
         err_read: OwnedFd,
         pid: Pid,
         pidfd: OwnedFd,
@@ -442,14 +481,7 @@ impl Runtime {
                 source,
             },
             Step::Mount => {
-                let mounts = rootfs::plan(
-                    &self.stage,
-                    &self.host,
-                    &spec.sandbox,
-                    spec.sandbox.uid,
-                    spec.sandbox.gid,
-                )
-                .ok();
+                let mounts = self.mount_plan(spec, templated).ok();
                 let what = mounts
                     .as_ref()
                     .and_then(|m| m.get(f.index as usize))
@@ -469,6 +501,44 @@ impl Runtime {
                 source,
             },
         })
+    }
+
+    /// The job's mount plan: the per-job mounts on top of the template copy, or the whole root.
+    fn mount_plan(&self, spec: &JobSpec, templated: bool) -> Result<Vec<MountOp>, RootfsError> {
+        let sb = &spec.sandbox;
+        if templated {
+            rootfs::job_plan(&self.host, sb, sb.uid, sb.gid)
+        } else {
+            rootfs::plan(&self.stage, &self.host, sb, sb.uid, sb.gid)
+        }
+    }
+
+    /// The current root template, built (or rebuilt, when `/etc` changed) on demand; `None`
+    /// when the runtime does not use one or this host cannot build it.
+    fn template(&self) -> Result<Option<std::sync::Arc<template::Template>>, SpawnError> {
+        let mut state = self.template.lock().unwrap_or_else(|p| p.into_inner());
+        match &*state {
+            TemplateState::Off | TemplateState::Unsupported(_) => return Ok(None),
+            TemplateState::Ready(t) if t.is_current(template::etc_stamp()) => {
+                return Ok(Some(t.clone()));
+            }
+            TemplateState::Ready(_) | TemplateState::Unbuilt => {}
+        }
+        match template::build(&self.stage, &self.host) {
+            Ok(t) => {
+                let t = std::sync::Arc::new(t);
+                *state = TemplateState::Ready(t.clone());
+                Ok(Some(t))
+            }
+            Err(template::BuildError::Unsupported(e)) => {
+                *state = TemplateState::Unsupported(e);
+                Ok(None)
+            }
+            Err(template::BuildError::Step(what, e)) => Err(SpawnError::Template {
+                what,
+                source: e.into(),
+            }),
+        }
     }
 
     fn init_exe(&self) -> Result<BorrowedFd<'_>, SpawnError> {
@@ -547,6 +617,20 @@ impl Runtime {
             init: spec.sandbox.init,
         })
     }
+}
+
+/// Whether and how the runtime copies a prebuilt root into each job.
+#[derive(Debug)]
+enum TemplateState {
+    /// Not wanted (`RuntimeConfig::root_template` false).
+    Off,
+    /// Wanted, built on the first spawn that can use it.
+    Unbuilt,
+    /// Built; rebuilt when `/etc` changes.
+    Ready(std::sync::Arc<template::Template>),
+    /// This host cannot build one (see `template::build`; the errno is kept for debugging):
+    /// every job builds its own root.
+    Unsupported(#[expect(dead_code, reason = "read through Debug only")] Errno),
 }
 
 /// argv, envp and where to find the program, all as C strings.
