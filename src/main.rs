@@ -91,8 +91,9 @@ fn cmd_run(state: &StateDir, args: &RunArgs) -> anyhow::Result<ExitCode> {
     let spec = args.to_spec();
     let config = RuntimeConfig {
         state_dir: state.root().to_owned(),
-        // One job: a template would be built for it alone (see docs/design/spawn.md).
-        root_template: std::env::var_os("JOBLET_ROOT_TEMPLATE").is_some_and(|v| v == "1"),
+        // One job: building a template for it alone costs more than it saves (~1 ms measured,
+        // docs/PERFORMANCE.md).
+        root_template: false,
         ..RuntimeConfig::default()
     };
     let mut runtime = Runtime::new(&config)?;

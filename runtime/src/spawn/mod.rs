@@ -336,8 +336,11 @@ impl Runtime {
         hostname: &[u8],
         workdir: &CString,
     ) -> Result<(Pid, OwnedFd, &'static str), SpawnError> {
-        let (err_read, err_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-            .map_err(sys_err("create the error pipe"))?;
+        // Non-blocking: see `check_child`. A 12-byte write to an empty pipe never blocks anyway.
+        let (err_read, err_write) = rustix::pipe::pipe_with(
+            rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
+        )
+        .map_err(sys_err("create the error pipe"))?;
         let init_fd;
         let program = match &exec.init {
             true => {
@@ -443,6 +446,13 @@ impl Runtime {
     }
 
     /// Reads the error pipe (the child has exec'd or exited by now): EOF means exec succeeded.
+    ///
+    /// The read does not wait for EOF. The kernel resumes a vfork parent when the child
+    /// releases the shared memory: at exit, or in `execve` past its point of no return but
+    /// *before* the close-on-exec fds (the pipe's write end among them) are closed. A child that
+    /// failed wrote its report before exiting, so it is in the pipe already; an empty pipe
+    /// (`EAGAIN`) therefore means the exec succeeded. Waiting for EOF instead blocked the parent
+    /// once more per job, for a context switch to the exec'ing child and back.
     fn check_child(
         &self,
         spec: &JobSpec,
@@ -456,6 +466,7 @@ impl Runtime {
         let n = loop {
             match rustix::io::read(&err_read, &mut buf) {
                 Err(Errno::INTR) => continue,
+                Err(Errno::AGAIN) => break 0,
                 r => break r.map_err(sys_err("read the error pipe"))?,
             }
         };
