@@ -338,13 +338,18 @@ pub(crate) fn plan(
         .as_ref()
         .is_none_or(|r| r.join("work").is_dir());
 
-    // Every mount point is created while the root is writable; read-only user binds go in
-    // before the tree is made read-only, writable ones after.
-    for b in &sandbox.binds {
-        mount_point_ops(&mut ops, stage, sandbox, b)?;
+    // Every mount point in the root is created while the root is writable; read-only user
+    // binds go in before the tree is made read-only, writable ones after. Binds into the job's
+    // own /tmp or /work go on top of those tmpfs, once they are mounted.
+    let (late, early): (Vec<&Bind>, Vec<&Bind>) = sandbox
+        .binds
+        .iter()
+        .partition(|b| in_job_tmpfs(&b.target, has_work));
+    for b in &early {
+        mount_point_ops(&mut ops, stage, sandbox.rootfs.as_deref(), b)?;
     }
     let (ro_binds, rw_binds): (Vec<&Bind>, Vec<&Bind>) =
-        sandbox.binds.iter().partition(|b| !b.writable);
+        early.into_iter().partition(|b| !b.writable);
     for b in &ro_binds {
         ops.push(bind_op(stage, b)?);
         ro_mounts.push(cstr(under(stage, &b.target))?);
@@ -355,6 +360,7 @@ pub(crate) fn plan(
     });
 
     work_ops(&mut ops, stage, sandbox, uid, gid, has_work)?;
+    tmpfs_bind_ops(&mut ops, stage, &late)?;
     // /dev before /proc: the /proc masks bind /dev/null.
     dev_skeleton_ops(&mut ops, stage)?;
     dev_job_ops(&mut ops, stage, sandbox)?;
@@ -370,10 +376,41 @@ pub(crate) fn plan(
 }
 
 /// Whether a job can use the shared root template (see [`template_plan`]): the minimal root
-/// without `--bind`s (their mount points would have to be created in the template, which is
-/// read-only and shared).
+/// without `--bind`s. A job in a copy of the template has no path to the host's files, so its
+/// bind sources would have to be passed as detached mounts (`open_tree` in the parent), and the
+/// mount points of binds outside `/tmp` and `/work` would have to be created in the template,
+/// which is read-only and shared.
 pub(crate) fn templatable(sandbox: &Sandbox) -> bool {
     sandbox.rootfs.is_none() && sandbox.binds.is_empty()
+}
+
+/// Whether a bind's target lies in one of the job's own tmpfs, `/tmp` or `/work` (mounted after
+/// the root is made read-only, and which would hide a bind made before them).
+fn in_job_tmpfs(target: &Path, has_work: bool) -> bool {
+    target.starts_with("/tmp") || (has_work && target.starts_with("/work"))
+}
+
+/// Binds into the job's `/tmp` or `/work`: mount points made in that (writable) tmpfs, then
+/// the binds in order, each read-only one made read-only with everything below it.
+fn tmpfs_bind_ops(
+    ops: &mut Vec<MountOp>,
+    stage: &Path,
+    binds: &[&Bind],
+) -> Result<(), RootfsError> {
+    for b in binds {
+        mount_point_ops(ops, stage, None, b)?;
+    }
+    for b in binds {
+        ops.push(bind_op(stage, b)?);
+        if !b.writable {
+            let target = cstr(under(stage, &b.target))?;
+            ops.push(MountOp::ReadOnlyTree {
+                target: target.clone(),
+                fallback: vec![target],
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The part of the minimal root that is the same for every job, built once per runtime in a
@@ -584,11 +621,12 @@ fn proc_ops(ops: &mut Vec<MountOp>, stage: &Path, host: &HostLayout) -> Result<(
     Ok(())
 }
 
-/// Creates the mount point of a bind (minimal root), or checks it exists (`--rootfs`).
+/// Creates the mount point of a bind (`rootfs: None`: in the minimal root or a job tmpfs), or
+/// checks it exists (in a `--rootfs`).
 fn mount_point_ops(
     ops: &mut Vec<MountOp>,
     stage: &Path,
-    sandbox: &Sandbox,
+    rootfs: Option<&Path>,
     b: &Bind,
 ) -> Result<(), RootfsError> {
     let md = std::fs::metadata(&b.source).map_err(|err| RootfsError::BindSource {
@@ -596,7 +634,7 @@ fn mount_point_ops(
         err,
     })?;
     let target = under(stage, &b.target);
-    if sandbox.rootfs.is_none() {
+    if rootfs.is_none() {
         // Parents first, each a directory in the (still writable) staging tmpfs.
         let mut parents: Vec<&Path> = b
             .target
@@ -619,11 +657,11 @@ fn mount_point_ops(
                 path: cstr(&target)?,
             });
         }
-    } else if let Some(root) = &sandbox.rootfs
+    } else if let Some(root) = rootfs
         && !under(root, &b.target).exists()
     {
         return Err(RootfsError::MissingMountPoint {
-            root: root.clone(),
+            root: root.to_owned(),
             inner: b.target.display().to_string(),
         });
     }
@@ -677,6 +715,40 @@ mod tests {
         assert_eq!(d.last().unwrap(), "pivot_root into the job's root");
         // /data is created before /data/in.
         assert!(pos("create directory /data") < pos("create directory /data/in"));
+    }
+
+    #[test]
+    fn binds_into_job_tmpfs_go_on_top_of_it() {
+        // A read-only bind made before the /work tmpfs would be hidden by it; a writable one
+        // would find no mount point in it.
+        let host = HostLayout {
+            system: vec![("/usr", None)],
+            etc: vec![],
+            proc_readonly: vec![],
+            proc_masked: vec![],
+        };
+        let mut sb = Sandbox::default();
+        sb.binds.push(crate::parse::bind("/tmp:/work/in").unwrap());
+        sb.binds
+            .push(crate::parse::bind("/tmp:/tmp/out:rw").unwrap());
+        assert!(!templatable(&sb), "bind sources are host paths");
+        {
+            let ops = plan(Path::new("/stage"), &host, &sb, 0, 0).unwrap();
+            let d = descs(&ops);
+            let pos = |s: &str| {
+                d.iter()
+                    .position(|x| x == s)
+                    .unwrap_or_else(|| panic!("{s} not in {d:#?}"))
+            };
+            assert!(pos("mount tmpfs on /work") < pos("create directory /work/in"));
+            assert!(pos("create directory /work/in") < pos("bind /tmp on /work/in"));
+            assert!(pos("bind /tmp on /work/in") < pos("make /work/in read-only"));
+            assert!(pos("mount tmpfs on /tmp") < pos("bind /tmp on /tmp/out"));
+            assert!(
+                !d.contains(&"make /tmp/out read-only".to_string()),
+                "{d:#?}"
+            );
+        }
     }
 
     #[test]

@@ -191,3 +191,44 @@ fn template_is_rebuilt_when_etc_changes_and_binds_build_their_own_root() {
     assert_eq!((code, out.as_str()), (0, "bound"));
     assert!(!path.contains("root-template"), "{path}");
 }
+
+#[test]
+fn binds_into_tmp_and_work_are_visible() {
+    if !gate() {
+        return;
+    }
+    let state = tempfile::tempdir().expect("state dir");
+    let data = tempfile::tempdir().expect("bind source");
+    std::fs::write(data.path().join("f"), "bound").expect("write");
+    let src = data.path().display().to_string();
+    let bind = |s: String| joblet_runtime::parse::bind(&s).expect("bind");
+    let sandbox = Sandbox {
+        uid: 0,
+        gid: 0,
+        binds: vec![
+            bind(format!("{src}:/work/in")),
+            bind(format!("{src}:/tmp/deep/out:rw")),
+        ],
+        ..Sandbox::default()
+    };
+    let script = "set -u
+        [ \"$(cat /work/in/f)\" = bound ] || { echo /work/in not bound; exit 1; }
+        touch /work/in/x 2>/dev/null && { echo /work/in writable; exit 1; }
+        echo new > /tmp/deep/out/g || { echo /tmp/deep/out not writable; exit 1; }
+        touch /work/own || { echo /work not writable; exit 1; }
+        exit 0";
+    for template in [true, false] {
+        let rt = runtime(state.path(), template);
+        let (code, out, path) = run(&rt, sandbox.clone(), script);
+        assert_eq!(code, 0, "template {template}: {out}");
+        assert!(
+            !path.contains("root-template"),
+            "binds build their own root: {path}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(data.path().join("g")).expect("written through the rw bind"),
+            "new\n"
+        );
+        std::fs::remove_file(data.path().join("g")).expect("remove");
+    }
+}
