@@ -146,6 +146,8 @@ fn template_jobs_are_isolated_from_each_other_and_the_host() {
          echo 1 > /proc/sys/kernel/hostname 2>/dev/null && {{ echo /proc/sys writable; exit 1; }}
          mount -t tmpfs none /tmp 2>/dev/null && {{ echo mount allowed; exit 1; }}
          [ $(wc -l < /proc/self/mountinfo) -lt 40 ] || {{ echo host mounts visible; exit 1; }}
+         # 0-2 and the directory ls reads: nothing of joblet's (the template's fd) leaks in.
+         [ $(ls /proc/self/fd | wc -l) -le 4 ] || {{ ls -l /proc/self/fd; exit 1; }}
          exit 0",
         secret = host_secret.display()
     );
