@@ -47,16 +47,25 @@ enum Mode {
     Bare,
     Pooled,
     Fresh,
+    /// Pooled cgroups, each job building its whole root (`root_template: false`, the path of
+    /// `--bind`/`--rootfs` jobs and of kernels that cannot build a template).
+    PooledNoTemplate,
 }
 
 impl Mode {
-    const ALL: [Mode; 3] = [Mode::Bare, Mode::Pooled, Mode::Fresh];
+    const ALL: [Mode; 4] = [
+        Mode::Bare,
+        Mode::Pooled,
+        Mode::Fresh,
+        Mode::PooledNoTemplate,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Mode::Bare => "bare clone3+exec",
             Mode::Pooled => "joblet, pooled cgroups",
             Mode::Fresh => "joblet, fresh cgroups",
+            Mode::PooledNoTemplate => "joblet, pooled, no tmpl",
         }
     }
 }
@@ -141,7 +150,7 @@ fn main() {
     let mut results = Vec::new();
     for program in &programs {
         for &n in &threads {
-            let mut cells = [Cell::new(), Cell::new(), Cell::new()];
+            let mut cells = [Cell::new(), Cell::new(), Cell::new(), Cell::new()];
             for _ in 0..rounds {
                 for (i, mode) in Mode::ALL.into_iter().enumerate() {
                     run_cell(mode, program, n, per_cell, state.path(), &mut cells[i]);
@@ -168,14 +177,15 @@ fn run_cell(
 ) {
     let runtime = match mode {
         Mode::Bare => None,
-        Mode::Pooled | Mode::Fresh => Some(
+        Mode::Pooled | Mode::Fresh | Mode::PooledNoTemplate => Some(
             Runtime::new(&RuntimeConfig {
                 state_dir: state.to_owned(),
-                cgroup_pool: if mode == Mode::Pooled {
-                    POOL_PER_THREAD * threads
-                } else {
+                cgroup_pool: if mode == Mode::Fresh {
                     0
+                } else {
+                    POOL_PER_THREAD * threads
                 },
+                root_template: mode != Mode::PooledNoTemplate,
                 ..RuntimeConfig::default()
             })
             .expect("create the runtime"),
@@ -377,7 +387,7 @@ fn print_context(secs: f64, rounds: u32, threads: &[usize], noop: &NoopBinary) {
     );
 }
 
-fn print_table(results: &[(&str, usize, [Cell; 3])]) {
+fn print_table(results: &[(&str, usize, [Cell; 4])]) {
     println!();
     println!(
         "{:<13} {:>3}  {:<23} {:>9} {:>9} {:>9}  {:>8} {:>8} {:>8}",

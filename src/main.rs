@@ -95,6 +95,9 @@ fn cmd_run(state: &StateDir, args: &RunArgs) -> anyhow::Result<ExitCode> {
     let spec = args.to_spec();
     let config = RuntimeConfig {
         state_dir: state.root().to_owned(),
+        // One job: building a template for it alone costs more than it saves (~1 ms measured,
+        // docs/PERFORMANCE.md).
+        root_template: false,
         ..RuntimeConfig::default()
     };
     let mut runtime = Runtime::new(&config)?;

@@ -297,7 +297,8 @@ fn under(stage: &Path, inner: &Path) -> PathBuf {
     stage.join(inner.strip_prefix("/").unwrap_or(inner))
 }
 
-/// Builds the mount plan of one job. `stage` is the (empty, existing) directory the new root is
+/// Builds the mount plan of one job (the classic path: the whole root is assembled in the
+/// job's own mount namespace). `stage` is the (empty, existing) directory the new root is
 /// assembled on, inside the child's private mount namespace.
 pub(crate) fn plan(
     stage: &Path,
@@ -306,59 +307,11 @@ pub(crate) fn plan(
     uid: u32,
     gid: u32,
 ) -> Result<Vec<MountOp>, RootfsError> {
-    let s = |inner: &str| cstr(under(stage, Path::new(inner)));
     let mut ops = vec![MountOp::MakePrivate];
     let mut ro_mounts = vec![cstr(stage)?];
-    let base_flags = MountFlags::NOSUID | MountFlags::NODEV;
 
     match &sandbox.rootfs {
-        None => {
-            ops.push(MountOp::Tmpfs {
-                target: cstr(stage)?,
-                data: CString::from(c"mode=0755,size=1m,nr_inodes=4096"),
-                flags: base_flags,
-            });
-            for (dir, link) in &host.system {
-                match link {
-                    Some(t) => ops.push(MountOp::Symlink {
-                        target: cstr(t)?,
-                        link: s(dir)?,
-                    }),
-                    None => {
-                        ops.push(MountOp::Mkdir { path: s(dir)? });
-                        ops.push(MountOp::Bind {
-                            source: cstr(dir)?,
-                            target: s(dir)?,
-                            recursive: true,
-                        });
-                        ro_mounts.push(s(dir)?);
-                    }
-                }
-            }
-            ops.push(MountOp::Mkdir { path: s("/etc")? });
-            for (name, is_dir) in &host.etc {
-                let inner = format!("/etc/{name}");
-                let target = s(&inner)?;
-                if *is_dir {
-                    ops.push(MountOp::Mkdir {
-                        path: target.clone(),
-                    });
-                } else {
-                    ops.push(MountOp::Touch {
-                        path: target.clone(),
-                    });
-                }
-                ops.push(MountOp::Bind {
-                    source: cstr(&inner)?,
-                    target: target.clone(),
-                    recursive: *is_dir,
-                });
-                ro_mounts.push(target);
-            }
-            for d in ["/tmp", "/work", "/proc", "/dev"] {
-                ops.push(MountOp::Mkdir { path: s(d)? });
-            }
-        }
+        None => skeleton_ops(&mut ops, &mut ro_mounts, stage, host)?,
         Some(root) => {
             let md = std::fs::metadata(root)
                 .map_err(|_| RootfsError::NotADirectory { path: root.clone() })?;
@@ -385,13 +338,18 @@ pub(crate) fn plan(
         .as_ref()
         .is_none_or(|r| r.join("work").is_dir());
 
-    // Every mount point is created while the root is writable; read-only user binds go in
-    // before the tree is made read-only, writable ones after.
-    for b in &sandbox.binds {
-        mount_point_ops(&mut ops, stage, sandbox, b)?;
+    // Every mount point in the root is created while the root is writable; read-only user
+    // binds go in before the tree is made read-only, writable ones after. Binds into the job's
+    // own /tmp or /work go on top of those tmpfs, once they are mounted.
+    let (late, early): (Vec<&Bind>, Vec<&Bind>) = sandbox
+        .binds
+        .iter()
+        .partition(|b| in_job_tmpfs(&b.target, has_work));
+    for b in &early {
+        mount_point_ops(&mut ops, stage, sandbox.rootfs.as_deref(), b)?;
     }
     let (ro_binds, rw_binds): (Vec<&Bind>, Vec<&Bind>) =
-        sandbox.binds.iter().partition(|b| !b.writable);
+        early.into_iter().partition(|b| !b.writable);
     for b in &ro_binds {
         ops.push(bind_op(stage, b)?);
         ro_mounts.push(cstr(under(stage, &b.target))?);
@@ -401,6 +359,162 @@ pub(crate) fn plan(
         fallback: ro_mounts,
     });
 
+    work_ops(&mut ops, stage, sandbox, uid, gid, has_work)?;
+    tmpfs_bind_ops(&mut ops, stage, &late)?;
+    // /dev before /proc: the /proc masks bind /dev/null.
+    dev_skeleton_ops(&mut ops, stage)?;
+    dev_job_ops(&mut ops, stage, sandbox)?;
+    proc_ops(&mut ops, stage, host)?;
+
+    for b in &rw_binds {
+        ops.push(bind_op(stage, b)?);
+    }
+    ops.push(MountOp::PivotRoot {
+        new_root: cstr(stage)?,
+    });
+    Ok(ops)
+}
+
+/// Whether a job can use the shared root template (see [`template_plan`]): the minimal root
+/// without `--bind`s. A job in a copy of the template has no path to the host's files, so its
+/// bind sources would have to be passed as detached mounts (`open_tree` in the parent), and the
+/// mount points of binds outside `/tmp` and `/work` would have to be created in the template,
+/// which is read-only and shared.
+pub(crate) fn templatable(sandbox: &Sandbox) -> bool {
+    sandbox.rootfs.is_none() && sandbox.binds.is_empty()
+}
+
+/// Whether a bind's target lies in one of the job's own tmpfs, `/tmp` or `/work` (mounted after
+/// the root is made read-only, and which would hide a bind made before them).
+fn in_job_tmpfs(target: &Path, has_work: bool) -> bool {
+    target.starts_with("/tmp") || (has_work && target.starts_with("/work"))
+}
+
+/// Binds into the job's `/tmp` or `/work`: mount points made in that (writable) tmpfs, then
+/// the binds in order, each read-only one made read-only with everything below it.
+fn tmpfs_bind_ops(
+    ops: &mut Vec<MountOp>,
+    stage: &Path,
+    binds: &[&Bind],
+) -> Result<(), RootfsError> {
+    for b in binds {
+        mount_point_ops(ops, stage, None, b)?;
+    }
+    for b in binds {
+        ops.push(bind_op(stage, b)?);
+        if !b.writable {
+            let target = cstr(under(stage, &b.target))?;
+            ops.push(MountOp::ReadOnlyTree {
+                target: target.clone(),
+                fallback: vec![target],
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The part of the minimal root that is the same for every job, built once per runtime in a
+/// private mount namespace kept as the template (`spawn::template`): the root tmpfs, the system
+/// and `/etc` binds, the mount points, a read-only `/dev` with its nodes, then `pivot_root`
+/// into it (the host root detached once, not per job).
+pub(crate) fn template_plan(stage: &Path, host: &HostLayout) -> Result<Vec<MountOp>, RootfsError> {
+    let mut ops = vec![MountOp::MakePrivate];
+    let mut ro_mounts = vec![cstr(stage)?];
+    skeleton_ops(&mut ops, &mut ro_mounts, stage, host)?;
+    ops.push(MountOp::ReadOnlyTree {
+        target: cstr(stage)?,
+        fallback: ro_mounts,
+    });
+    dev_skeleton_ops(&mut ops, stage)?;
+    ops.push(MountOp::PivotRoot {
+        new_root: cstr(stage)?,
+    });
+    Ok(ops)
+}
+
+/// The per-job mounts on top of a copy of the template: the job's `/tmp`, `/work`, devpts,
+/// `/dev/shm`, `/proc` and its masks. Paths are absolute: the child runs them with the
+/// template copy as its root.
+pub(crate) fn job_plan(
+    host: &HostLayout,
+    sandbox: &Sandbox,
+    uid: u32,
+    gid: u32,
+) -> Result<Vec<MountOp>, RootfsError> {
+    let root = Path::new("/");
+    let mut ops = Vec::new();
+    work_ops(&mut ops, root, sandbox, uid, gid, true)?;
+    dev_job_ops(&mut ops, root, sandbox)?;
+    proc_ops(&mut ops, root, host)?;
+    Ok(ops)
+}
+
+/// The minimal root's tmpfs, system dirs, `/etc` files and mount points (writable still).
+fn skeleton_ops(
+    ops: &mut Vec<MountOp>,
+    ro_mounts: &mut Vec<CString>,
+    stage: &Path,
+    host: &HostLayout,
+) -> Result<(), RootfsError> {
+    let s = |inner: &str| cstr(under(stage, Path::new(inner)));
+    ops.push(MountOp::Tmpfs {
+        target: cstr(stage)?,
+        data: CString::from(c"mode=0755,size=1m,nr_inodes=4096"),
+        flags: MountFlags::NOSUID | MountFlags::NODEV,
+    });
+    for (dir, link) in &host.system {
+        match link {
+            Some(t) => ops.push(MountOp::Symlink {
+                target: cstr(t)?,
+                link: s(dir)?,
+            }),
+            None => {
+                ops.push(MountOp::Mkdir { path: s(dir)? });
+                ops.push(MountOp::Bind {
+                    source: cstr(dir)?,
+                    target: s(dir)?,
+                    recursive: true,
+                });
+                ro_mounts.push(s(dir)?);
+            }
+        }
+    }
+    ops.push(MountOp::Mkdir { path: s("/etc")? });
+    for (name, is_dir) in &host.etc {
+        let inner = format!("/etc/{name}");
+        let target = s(&inner)?;
+        if *is_dir {
+            ops.push(MountOp::Mkdir {
+                path: target.clone(),
+            });
+        } else {
+            ops.push(MountOp::Touch {
+                path: target.clone(),
+            });
+        }
+        ops.push(MountOp::Bind {
+            source: cstr(&inner)?,
+            target: target.clone(),
+            recursive: *is_dir,
+        });
+        ro_mounts.push(target);
+    }
+    for d in ["/tmp", "/work", "/proc", "/dev"] {
+        ops.push(MountOp::Mkdir { path: s(d)? });
+    }
+    Ok(())
+}
+
+/// The job's private, size-limited `/tmp` and `/work` tmpfs, owned by its uid.
+fn work_ops(
+    ops: &mut Vec<MountOp>,
+    stage: &Path,
+    sandbox: &Sandbox,
+    uid: u32,
+    gid: u32,
+    has_work: bool,
+) -> Result<(), RootfsError> {
+    let s = |inner: &str| cstr(under(stage, Path::new(inner)));
     let tmp_data = |mode: &str| {
         CString::new(format!(
             "mode={mode},size={},nr_inodes=65536,uid={uid},gid={gid}",
@@ -408,6 +522,7 @@ pub(crate) fn plan(
         ))
         .expect("no NUL in tmpfs options")
     };
+    let base_flags = MountFlags::NOSUID | MountFlags::NODEV;
     ops.push(MountOp::Tmpfs {
         target: s("/tmp")?,
         data: tmp_data("1777"),
@@ -420,8 +535,13 @@ pub(crate) fn plan(
             flags: base_flags,
         });
     }
+    Ok(())
+}
 
-    // /dev before /proc: the /proc masks bind /dev/null.
+/// A read-only tmpfs `/dev` with the device nodes, the usual symlinks and the mount points of
+/// `pts` and `shm`.
+fn dev_skeleton_ops(ops: &mut Vec<MountOp>, stage: &Path) -> Result<(), RootfsError> {
+    let s = |inner: &str| cstr(under(stage, Path::new(inner)));
     ops.push(MountOp::Tmpfs {
         target: s("/dev")?,
         data: CString::from(c"mode=0755,size=64k,nr_inodes=64"),
@@ -456,6 +576,12 @@ pub(crate) fn plan(
         target: s("/dev")?,
         flags: MountFlags::NOSUID | MountFlags::NOEXEC,
     });
+    Ok(())
+}
+
+/// The job's own devpts instance and `/dev/shm`.
+fn dev_job_ops(ops: &mut Vec<MountOp>, stage: &Path, sandbox: &Sandbox) -> Result<(), RootfsError> {
+    let s = |inner: &str| cstr(under(stage, Path::new(inner)));
     ops.push(MountOp::Devpts {
         target: s("/dev/pts")?,
     });
@@ -464,7 +590,12 @@ pub(crate) fn plan(
         data: CString::new(format!("mode=1777,size={}", sandbox.tmp_size)).expect("no NUL"),
         flags: MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
     });
+    Ok(())
+}
 
+/// A fresh `/proc` for the job's PID namespace, its dangerous parts read-only or masked.
+fn proc_ops(ops: &mut Vec<MountOp>, stage: &Path, host: &HostLayout) -> Result<(), RootfsError> {
+    let s = |inner: &str| cstr(under(stage, Path::new(inner)));
     ops.push(MountOp::Proc {
         target: s("/proc")?,
     });
@@ -487,21 +618,15 @@ pub(crate) fn plan(
             recursive: false,
         });
     }
-
-    for b in &rw_binds {
-        ops.push(bind_op(stage, b)?);
-    }
-    ops.push(MountOp::PivotRoot {
-        new_root: cstr(stage)?,
-    });
-    Ok(ops)
+    Ok(())
 }
 
-/// Creates the mount point of a bind (minimal root), or checks it exists (`--rootfs`).
+/// Creates the mount point of a bind (`rootfs: None`: in the minimal root or a job tmpfs), or
+/// checks it exists (in a `--rootfs`).
 fn mount_point_ops(
     ops: &mut Vec<MountOp>,
     stage: &Path,
-    sandbox: &Sandbox,
+    rootfs: Option<&Path>,
     b: &Bind,
 ) -> Result<(), RootfsError> {
     let md = std::fs::metadata(&b.source).map_err(|err| RootfsError::BindSource {
@@ -509,7 +634,7 @@ fn mount_point_ops(
         err,
     })?;
     let target = under(stage, &b.target);
-    if sandbox.rootfs.is_none() {
+    if rootfs.is_none() {
         // Parents first, each a directory in the (still writable) staging tmpfs.
         let mut parents: Vec<&Path> = b
             .target
@@ -532,11 +657,11 @@ fn mount_point_ops(
                 path: cstr(&target)?,
             });
         }
-    } else if let Some(root) = &sandbox.rootfs
+    } else if let Some(root) = rootfs
         && !under(root, &b.target).exists()
     {
         return Err(RootfsError::MissingMountPoint {
-            root: root.clone(),
+            root: root.to_owned(),
             inner: b.target.display().to_string(),
         });
     }
@@ -590,6 +715,40 @@ mod tests {
         assert_eq!(d.last().unwrap(), "pivot_root into the job's root");
         // /data is created before /data/in.
         assert!(pos("create directory /data") < pos("create directory /data/in"));
+    }
+
+    #[test]
+    fn binds_into_job_tmpfs_go_on_top_of_it() {
+        // A read-only bind made before the /work tmpfs would be hidden by it; a writable one
+        // would find no mount point in it.
+        let host = HostLayout {
+            system: vec![("/usr", None)],
+            etc: vec![],
+            proc_readonly: vec![],
+            proc_masked: vec![],
+        };
+        let mut sb = Sandbox::default();
+        sb.binds.push(crate::parse::bind("/tmp:/work/in").unwrap());
+        sb.binds
+            .push(crate::parse::bind("/tmp:/tmp/out:rw").unwrap());
+        assert!(!templatable(&sb), "bind sources are host paths");
+        {
+            let ops = plan(Path::new("/stage"), &host, &sb, 0, 0).unwrap();
+            let d = descs(&ops);
+            let pos = |s: &str| {
+                d.iter()
+                    .position(|x| x == s)
+                    .unwrap_or_else(|| panic!("{s} not in {d:#?}"))
+            };
+            assert!(pos("mount tmpfs on /work") < pos("create directory /work/in"));
+            assert!(pos("create directory /work/in") < pos("bind /tmp on /work/in"));
+            assert!(pos("bind /tmp on /work/in") < pos("make /work/in read-only"));
+            assert!(pos("mount tmpfs on /tmp") < pos("bind /tmp on /tmp/out"));
+            assert!(
+                !d.contains(&"make /tmp/out read-only".to_string()),
+                "{d:#?}"
+            );
+        }
     }
 
     #[test]

@@ -41,12 +41,13 @@ pub(crate) enum Step {
     NoNewPrivs,
     Seccomp,
     Exec,
+    RootTemplate,
 }
 
 impl Step {
     pub(crate) fn from_u32(v: u32) -> Option<Step> {
         use Step::*;
-        const ALL: [Step; 19] = [
+        const ALL: [Step; 20] = [
             ResetSignals,
             JoinCgroup,
             CgroupNamespace,
@@ -66,6 +67,7 @@ impl Step {
             NoNewPrivs,
             Seccomp,
             Exec,
+            RootTemplate,
         ];
         ALL.into_iter().find(|s| *s as u32 == v)
     }
@@ -92,6 +94,7 @@ impl Step {
             Step::NoNewPrivs => "set no_new_privs",
             Step::Seccomp => "install the seccomp filter",
             Step::Exec => "execute the command",
+            Step::RootTemplate => "enter the root template's mount namespace",
         }
     }
 }
@@ -140,6 +143,9 @@ pub(crate) enum Program<'a> {
 pub(crate) struct ChildPlan<'a> {
     pub(crate) err_pipe: BorrowedFd<'a>,
     pub(crate) join_procs: Vec<BorrowedFd<'a>>,
+    /// The root template's mount namespace: the child copies it instead of building the root
+    /// (`mounts` then holds only the per-job mounts, with absolute paths).
+    pub(crate) root_template: Option<BorrowedFd<'a>>,
     pub(crate) mounts: &'a [MountOp],
     pub(crate) hostname: &'a [u8],
     pub(crate) loopback: bool,
@@ -186,7 +192,24 @@ fn setup_and_exec(plan: &ChildPlan<'_>) -> StepResult<Never> {
     for (i, fd) in plan.join_procs.iter().enumerate() {
         rustix::io::write(*fd, b"0").map_err(|e| (Step::JoinCgroup, i as u32, e))?;
     }
-    at(Step::CgroupNamespace, sys::misc::unshare_cgroup_ns())?;
+    match plan.root_template {
+        Some(ns) => {
+            // The template namespace is shared by every job: the child only passes through
+            // it, and makes its own copy (whose root is the template root) before mounting.
+            at(
+                Step::RootTemplate,
+                rustix::thread::move_into_link_name_space(
+                    ns,
+                    Some(rustix::thread::LinkNameSpaceType::Mount),
+                ),
+            )?;
+            at(
+                Step::CgroupNamespace,
+                sys::misc::unshare_mount_and_cgroup_ns(),
+            )?;
+        }
+        None => at(Step::CgroupNamespace, sys::misc::unshare_cgroup_ns())?,
+    }
 
     // Device nodes and mount points get exactly the modes asked for.
     rustix::process::umask(rustix::fs::Mode::empty());

@@ -13,6 +13,7 @@
 //! The step-by-step sequence, its fallbacks and why are in `docs/design/spawn.md`.
 
 pub(crate) mod child;
+mod template;
 
 use std::cell::RefCell;
 use std::ffi::CString;
@@ -79,6 +80,15 @@ pub enum SpawnError {
         #[source]
         source: io::Error,
     },
+    /// The shared root template could not be built.
+    #[error("failed to {what} in the root template")]
+    Template {
+        /// The failed step, described.
+        what: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
     /// A setup step in the child failed.
     #[error("failed to {what} for job {job}")]
     Setup {
@@ -123,6 +133,10 @@ pub struct RuntimeConfig {
     /// How many emptied cgroup sets to keep for reuse (0: a fresh set per job). Worth it for
     /// long-lived processes that spawn many jobs (the daemon, benchmarks); see `cgroup::pool`.
     pub cgroup_pool: usize,
+    /// Build the static part of the minimal root once per runtime and copy it into each job
+    /// (see `docs/design/spawn.md`, "Root template"). Worth it for processes that spawn more
+    /// than one job; a one-shot `joblet run` builds the root in the job itself.
+    pub root_template: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -131,6 +145,7 @@ impl Default for RuntimeConfig {
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             state_dir: default_state_dir(),
             cgroup_pool: 0,
+            root_template: true,
         }
     }
 }
@@ -150,6 +165,7 @@ pub struct Runtime {
     stage: PathBuf,
     online_cpus: u32,
     init_exe: std::sync::OnceLock<Result<OwnedFd, Errno>>,
+    template: std::sync::Mutex<TemplateState>,
     telemetry: Option<std::sync::Arc<crate::telemetry::Telemetry>>,
 }
 
@@ -178,6 +194,11 @@ impl Runtime {
             stage,
             online_cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             init_exe: std::sync::OnceLock::new(),
+            template: std::sync::Mutex::new(if config.root_template {
+                TemplateState::Unbuilt
+            } else {
+                TemplateState::Off
+            }),
             telemetry: None,
         })
     }
@@ -225,7 +246,12 @@ impl Runtime {
             return Err(SpawnError::Invalid("no command given".into()));
         }
         let sb = &spec.sandbox;
-        let mounts = rootfs::plan(&self.stage, &self.host, sb, sb.uid, sb.gid)?;
+        let template = if rootfs::templatable(sb) {
+            self.template()?
+        } else {
+            None
+        };
+        let mounts = self.mount_plan(spec, template.is_some())?;
         let exec = self.prepare_exec(spec)?;
         let seccomp = if sb.seccomp {
             Some(crate::seccomp::default_filter()?)
@@ -267,6 +293,7 @@ impl Runtime {
             .map_or(0, |d| d.as_nanos() as u64);
         let result = self.clone_child(
             spec,
+            template.as_deref(),
             &cgroup,
             &mounts,
             &exec,
@@ -306,6 +333,7 @@ impl Runtime {
     fn clone_child(
         &self,
         spec: &JobSpec,
+        template: Option<&template::Template>,
         cgroup: &JobCgroup,
         mounts: &[MountOp],
         exec: &PreparedExec,
@@ -314,8 +342,11 @@ impl Runtime {
         hostname: &[u8],
         workdir: &CString,
     ) -> Result<(Pid, OwnedFd, &'static str), SpawnError> {
-        let (err_read, err_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-            .map_err(sys_err("create the error pipe"))?;
+        // Non-blocking: see `check_child`. A 12-byte write to an empty pipe never blocks anyway.
+        let (err_read, err_write) = rustix::pipe::pipe_with(
+            rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
+        )
+        .map_err(sys_err("create the error pipe"))?;
         let init_fd;
         let program = match &exec.init {
             true => {
@@ -328,9 +359,13 @@ impl Runtime {
             | sys::clone3::CLONE_VFORK
             | sys::clone3::CLONE_PIDFD
             | sys::clone3::CLONE_NEWPID
-            | sys::clone3::CLONE_NEWNS
             | sys::clone3::CLONE_NEWIPC
             | sys::clone3::CLONE_NEWUTS;
+        // With a template the child enters a copy of the template's mount namespace instead:
+        // copying the host's first would only be thrown away.
+        if template.is_none() {
+            flags |= sys::clone3::CLONE_NEWNS;
+        }
         if spec.sandbox.network == NetworkMode::None {
             flags |= sys::clone3::CLONE_NEWNET;
         }
@@ -338,6 +373,7 @@ impl Runtime {
             let plan = ChildPlan {
                 err_pipe: err_write.as_fd(),
                 join_procs: join,
+                root_template: template.map(|t| t.ns()),
                 mounts,
                 hostname,
                 loopback: spec.sandbox.network == NetworkMode::None,
@@ -397,7 +433,12 @@ impl Runtime {
                     source: io::Error::other("kernel returned pid 0"),
                 })?;
                 drop(err_write);
-                self.check_child(spec, err_read, pid, pidfd, path)
+                let path = match (template.is_some(), path) {
+                    (true, "clone3-vfork-into-cgroup") => "clone3-vfork-into-cgroup+root-template",
+                    (true, _) => "clone3-vfork-join-cgroup+root-template",
+                    (false, p) => p,
+                };
+                self.check_child(spec, template.is_some(), err_read, pid, pidfd, path)
             }
             Ok((_, None)) => Err(SpawnError::Sys {
                 op: "clone3",
@@ -411,9 +452,17 @@ impl Runtime {
     }
 
     /// Reads the error pipe (the child has exec'd or exited by now): EOF means exec succeeded.
+    ///
+    /// The read does not wait for EOF. The kernel resumes a vfork parent when the child
+    /// releases the shared memory: at exit, or in `execve` past its point of no return but
+    /// *before* the close-on-exec fds (the pipe's write end among them) are closed. A child that
+    /// failed wrote its report before exiting, so it is in the pipe already; an empty pipe
+    /// (`EAGAIN`) therefore means the exec succeeded. Waiting for EOF instead blocked the parent
+    /// once more per job, for a context switch to the exec'ing child and back.
     fn check_child(
         &self,
         spec: &JobSpec,
+        templated: bool,
         err_read: OwnedFd,
         pid: Pid,
         pidfd: OwnedFd,
@@ -423,6 +472,7 @@ impl Runtime {
         let n = loop {
             match rustix::io::read(&err_read, &mut buf) {
                 Err(Errno::INTR) => continue,
+                Err(Errno::AGAIN) => break 0,
                 r => break r.map_err(sys_err("read the error pipe"))?,
             }
         };
@@ -448,14 +498,7 @@ impl Runtime {
                 source,
             },
             Step::Mount => {
-                let mounts = rootfs::plan(
-                    &self.stage,
-                    &self.host,
-                    &spec.sandbox,
-                    spec.sandbox.uid,
-                    spec.sandbox.gid,
-                )
-                .ok();
+                let mounts = self.mount_plan(spec, templated).ok();
                 let what = mounts
                     .as_ref()
                     .and_then(|m| m.get(f.index as usize))
@@ -475,6 +518,44 @@ impl Runtime {
                 source,
             },
         })
+    }
+
+    /// The job's mount plan: the per-job mounts on top of the template copy, or the whole root.
+    fn mount_plan(&self, spec: &JobSpec, templated: bool) -> Result<Vec<MountOp>, RootfsError> {
+        let sb = &spec.sandbox;
+        if templated {
+            rootfs::job_plan(&self.host, sb, sb.uid, sb.gid)
+        } else {
+            rootfs::plan(&self.stage, &self.host, sb, sb.uid, sb.gid)
+        }
+    }
+
+    /// The current root template, built (or rebuilt, when `/etc` changed) on demand; `None`
+    /// when the runtime does not use one or this host cannot build it.
+    fn template(&self) -> Result<Option<std::sync::Arc<template::Template>>, SpawnError> {
+        let mut state = self.template.lock().unwrap_or_else(|p| p.into_inner());
+        match &*state {
+            TemplateState::Off | TemplateState::Unsupported(_) => return Ok(None),
+            TemplateState::Ready(t) if t.is_current(template::etc_stamp()) => {
+                return Ok(Some(t.clone()));
+            }
+            TemplateState::Ready(_) | TemplateState::Unbuilt => {}
+        }
+        match template::build(&self.stage, &self.host) {
+            Ok(t) => {
+                let t = std::sync::Arc::new(t);
+                *state = TemplateState::Ready(t.clone());
+                Ok(Some(t))
+            }
+            Err(template::BuildError::Unsupported(e)) => {
+                *state = TemplateState::Unsupported(e);
+                Ok(None)
+            }
+            Err(template::BuildError::Step(what, e)) => Err(SpawnError::Template {
+                what,
+                source: e.into(),
+            }),
+        }
     }
 
     fn init_exe(&self) -> Result<BorrowedFd<'_>, SpawnError> {
@@ -553,6 +634,20 @@ impl Runtime {
             init: spec.sandbox.init,
         })
     }
+}
+
+/// Whether and how the runtime copies a prebuilt root into each job.
+#[derive(Debug)]
+enum TemplateState {
+    /// Not wanted (`RuntimeConfig::root_template` false).
+    Off,
+    /// Wanted, built on the first spawn that can use it.
+    Unbuilt,
+    /// Built; rebuilt when `/etc` changes.
+    Ready(std::sync::Arc<template::Template>),
+    /// This host cannot build one (see `template::build`; the errno is kept for debugging):
+    /// every job builds its own root.
+    Unsupported(#[expect(dead_code, reason = "read through Debug only")] Errno),
 }
 
 /// argv, envp and where to find the program, all as C strings.

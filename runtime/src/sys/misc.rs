@@ -194,3 +194,19 @@ pub(crate) fn spawn_clean(argv: &CStringArray) -> std::io::Result<i32> {
     }
     Ok(pid)
 }
+
+/// `unshare(CLONE_NEWNS)`: gives the calling thread a private copy of its mount namespace (and,
+/// as the kernel implies `CLONE_FS`, its own root, working directory and umask).
+pub(crate) fn unshare_mount_ns() -> Result<(), Errno> {
+    // SAFETY: a new mount namespace does not unshare the fd table, the hazard that makes
+    // rustix's `unshare_unsafe` unsafe; the implied CLONE_FS only affects the calling thread.
+    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }
+}
+
+/// `unshare(CLONE_NEWNS | CLONE_NEWCGROUP)` in one call: a private copy of the current mount
+/// namespace and a new cgroup namespace rooted at the caller's cgroups.
+pub(crate) fn unshare_mount_and_cgroup_ns() -> Result<(), Errno> {
+    use rustix::thread::UnshareFlags;
+    // SAFETY: neither namespace unshares the fd table (see `unshare_mount_ns`).
+    unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWNS | UnshareFlags::NEWCGROUP) }
+}
