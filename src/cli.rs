@@ -203,6 +203,11 @@ pub(crate) struct RunArgs {
     #[arg(long)]
     pub(crate) trace: bool,
 
+    /// fsync the job's log and record when it ends, so they survive a power cut (by default they
+    /// are written but not synced: they survive a crash of joblet, not of the machine).
+    #[arg(long)]
+    pub(crate) sync: bool,
+
     /// Write the job's record as one JSON object to PATH when it ends.
     #[arg(long, value_name = "PATH")]
     pub(crate) report: Option<PathBuf>,

@@ -16,8 +16,8 @@ use clap::Parser as _;
 use joblet_runtime::capture::{Capture, CaptureConfig};
 use joblet_runtime::job::{JobId, JobRecord, OutputInfo};
 use joblet_runtime::spawn::{self, SuperviseOptions};
-use joblet_runtime::store::logs::{LogsOptions, copy_logs, ps_filter, ps_table};
-use joblet_runtime::store::{StateDir, Stream};
+use joblet_runtime::store::logs::{LogsOptions, copy_followed, copy_logs, ps_filter, ps_table};
+use joblet_runtime::store::{Follower, StateDir, Stream};
 use joblet_runtime::{Runtime, RuntimeConfig, SignalForwarder, SpawnError, Stdio};
 
 use crate::cli::{Cli, Command, RunArgs, StreamArg};
@@ -117,9 +117,24 @@ fn cmd_run(state: &StateDir, args: &RunArgs) -> anyhow::Result<ExitCode> {
     let pipe = || rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC);
     let (out_r, out_w) = pipe().context("failed to create the stdout pipe")?;
     let (err_r, err_w) = pipe().context("failed to create the stderr pipe")?;
-    let capture = Capture::start(CaptureConfig::default())?;
-    let handle = capture.add(spec.id.clone(), Some(out_r), Some(err_r), log)?;
-    let reader = state.open_log(&spec.id)?;
+    // One job: a small buffer pool is plenty, and syncing is opt-in (--sync).
+    let capture = Capture::start(CaptureConfig {
+        buffers: 8,
+        sync_on_end: args.sync,
+        ..CaptureConfig::default()
+    })?;
+    // The engine wakes the view through an eventfd: an inotify watch would cost ~10 ms to tear
+    // down (an SRCU grace period) on the one-shot path.
+    let notify = rustix::event::eventfd(
+        0,
+        rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+    )
+    .context("failed to create an eventfd")?;
+    let notify_view =
+        rustix::io::fcntl_dupfd_cloexec(&notify, 3).context("failed to duplicate the eventfd")?;
+    let handle =
+        capture.add_notified(spec.id.clone(), Some(out_r), Some(err_r), log, Some(notify))?;
+    let follower = Follower::with_eventfd(state.open_log(&spec.id)?, 1, notify_view);
     let view = std::thread::spawn(move || {
         let opts = LogsOptions {
             since: 1,
@@ -127,8 +142,8 @@ fn cmd_run(state: &StateDir, args: &RunArgs) -> anyhow::Result<ExitCode> {
             timestamps: false,
             follow: true,
         };
-        copy_logs(
-            reader,
+        copy_followed(
+            follower,
             &opts,
             &mut std::io::stdout().lock(),
             &mut std::io::stderr().lock(),
@@ -191,7 +206,11 @@ fn cmd_run(state: &StateDir, args: &RunArgs) -> anyhow::Result<ExitCode> {
     };
     let capture_failed = output.error.is_some();
     record.output = Some(output);
-    state.write_record(&record)?;
+    if args.sync {
+        state.write_record(&record)?;
+    } else {
+        state.write_record_unsynced(&record)?;
+    }
     if !capture_failed {
         match view.join() {
             Ok(Err(e)) => eprintln!(

@@ -53,6 +53,9 @@ pub struct CaptureConfig {
     /// ring (which punts buffered writes to a kernel worker on filesystems without
     /// `IOCB_NOWAIT` buffered writes, such as ext4). See `docs/design/capture.md`.
     pub inline_writes: bool,
+    /// `fdatasync` each log after its end chunk, so a finished job's output survives a power
+    /// cut. The one-shot `joblet run` turns it off unless `--sync` (see docs/design/capture.md).
+    pub sync_on_end: bool,
 }
 
 impl Default for CaptureConfig {
@@ -67,6 +70,7 @@ impl Default for CaptureConfig {
             sync_every_bytes: 256 << 20,
             sync_interval: Duration::from_secs(5),
             inline_writes: false,
+            sync_on_end: true,
         }
     }
 }
@@ -142,6 +146,7 @@ enum Cmd {
         job: JobId,
         pipes: [Option<OwnedFd>; 2],
         log: LogWriter,
+        notify: Option<OwnedFd>,
         reply: mpsc::Sender<Outcome>,
     },
     Detach {
@@ -234,6 +239,19 @@ impl Capture {
         stderr: Option<OwnedFd>,
         log: LogWriter,
     ) -> Result<CaptureHandle, CaptureError> {
+        self.add_notified(job, stdout, stderr, log, None)
+    }
+
+    /// [`Capture::add`], also signalling the eventfd `notify` after every write to the log and
+    /// when the capture ends, so an in-process follower needs no inotify watch.
+    pub fn add_notified(
+        &self,
+        job: JobId,
+        stdout: Option<OwnedFd>,
+        stderr: Option<OwnedFd>,
+        log: LogWriter,
+        notify: Option<OwnedFd>,
+    ) -> Result<CaptureHandle, CaptureError> {
         for fd in stdout.iter().chain(stderr.iter()) {
             let fail = |e: rustix::io::Errno| CaptureError::Pipe {
                 job: job.clone(),
@@ -260,6 +278,7 @@ impl Capture {
                 job: job.clone(),
                 pipes: [stdout, stderr],
                 log,
+                notify,
                 reply,
             })
             .map_err(|_| CaptureError::EngineGone { job: job.clone() })?;
@@ -362,6 +381,9 @@ struct Pending {
 
 #[derive(Debug)]
 struct Job {
+    /// An eventfd signalled after each write of this job's log and at its end, for a follower
+    /// in this process (`Follower::with_eventfd`).
+    notify: Option<OwnedFd>,
     key: u64,
     id: JobId,
     pipes: [Pipe; 2],
@@ -475,6 +497,7 @@ impl Engine {
                     job,
                     pipes,
                     log,
+                    notify,
                     reply,
                 } => {
                     let [out, err] = pipes;
@@ -509,6 +532,7 @@ impl Engine {
                         phase: Phase::Running,
                         end_seq: 0,
                         write_error: None,
+                        notify,
                         reply,
                     };
                     let slot = match self.free.pop() {
@@ -749,6 +773,10 @@ impl Engine {
         let in_write = std::mem::take(&mut job.in_write);
         if job.phase == Phase::Ending {
             match c.result {
+                Ok(_) if done == total && !self.config.sync_on_end => {
+                    job.log.committed(total as u64, 0);
+                    self.finish(slot);
+                }
                 Ok(_) if done == total => {
                     job.log.committed(total as u64, 0);
                     job.phase = Phase::FinalSync;
@@ -785,6 +813,7 @@ impl Engine {
             kept += 1;
         }
         job.log.committed(kept_bytes as u64, 0);
+        poke(job);
         for (stream, len) in &in_write[..kept] {
             job.stored[idx(*stream)] += u64::from(*len);
         }
@@ -1005,6 +1034,7 @@ impl Engine {
             Ok(_) => {
                 job.lost_unmarked = [0; 2];
                 job.accounted += job.log.len() - before;
+                poke(job);
             }
             Err(e) => {
                 job.write_error.get_or_insert(e);
@@ -1030,6 +1060,7 @@ impl Engine {
             end_seq: job.end_seq,
             write_error: job.write_error.take(),
         };
+        poke(&job);
         let _ = job.reply.send(Outcome::Finished(summary));
     }
 
@@ -1057,3 +1088,11 @@ impl Engine {
 
 #[cfg(test)]
 mod tests;
+
+/// Wakes the job's in-process follower, if any. The eventfd counter saturates harmlessly: the
+/// follower only needs to know that something changed since it last looked.
+fn poke(job: &Job) {
+    if let Some(fd) = &job.notify {
+        let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
+    }
+}

@@ -3,7 +3,7 @@
 //!
 //! A job is born in its v2 cgroup (`<root>/unified/joblet/<job>`: the id the eBPF probes key on,
 //! and the source of CPU time through `cpu.stat`), then joins its v1 cgroups from the child before
-//! exec by writing `0` to `tasks` fds opened here (see [`JOIN_FILE`]). Only the v1 cgroups a job needs are
+//! exec by writing `0` to `tasks` fds opened here (see `JOIN_FILE`). Only the v1 cgroups a job needs are
 //! made: `memory` always (peak memory and OOM kills are always reported), `cpu`, `cpuset`, `pids`
 //! and `blkio` only for the limits that are set, since every directory costs a `mkdir`, some
 //! writes, a join in the child and an `rmdir`.

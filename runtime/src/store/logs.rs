@@ -58,7 +58,19 @@ pub fn copy_logs(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<LogsSummary, LogsError> {
-    let path = reader.path().to_owned();
+    let since = opts.since.max(1);
+    let follower = Follower::new(reader, since)?;
+    copy_followed(follower, opts, out, err)
+}
+
+/// [`copy_logs`] with a follower the caller built (e.g. [`Follower::with_eventfd`]).
+pub fn copy_followed(
+    mut follower: Follower,
+    opts: &LogsOptions,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<LogsSummary, LogsError> {
+    let path = follower.reader().path().to_owned();
     let output = |source| LogsError::Output {
         path: path.clone(),
         source,
@@ -66,7 +78,6 @@ pub fn copy_logs(
     let mut summary = LogsSummary::default();
     let mut line_start = [true, true];
     let since = opts.since.max(1);
-    let mut follower = Follower::new(reader, since)?;
     loop {
         let chunk = if opts.follow {
             follower.next_chunk()?

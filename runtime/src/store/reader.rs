@@ -206,7 +206,11 @@ impl LogReader {
 #[derive(Debug)]
 pub struct Follower {
     reader: LogReader,
+    /// What wakes the follower: an inotify watch on the log, or an eventfd the capture engine
+    /// signals after each write (in-process followers: no fsnotify group, whose teardown waits
+    /// for an SRCU grace period, ~10 ms here, on the one-shot path).
     inotify: OwnedFd,
+    eventfd: bool,
     backstop: Duration,
     ended: bool,
     since: u64,
@@ -237,11 +241,26 @@ impl Follower {
         Ok(Follower {
             reader,
             inotify,
+            eventfd: false,
             backstop: FOLLOW_BACKSTOP,
             ended: false,
             since,
             corrupt_retries: 0,
         })
+    }
+
+    /// Follows `reader` from its cursor, woken by `eventfd`, which the writer in this process
+    /// signals after each write and at the end (`capture::Capture::add_notified`).
+    pub fn with_eventfd(reader: LogReader, since: u64, eventfd: OwnedFd) -> Self {
+        Follower {
+            reader,
+            inotify: eventfd,
+            eventfd: true,
+            backstop: FOLLOW_BACKSTOP,
+            ended: false,
+            since,
+            corrupt_retries: 0,
+        }
     }
 
     /// Changes the backstop poll interval (tests use it to prove inotify does the waking).
@@ -294,6 +313,11 @@ impl Follower {
     }
 
     fn drain_events(&mut self) {
+        if self.eventfd {
+            let mut counter = [0u8; 8];
+            let _ = rustix::io::read(&self.inotify, &mut counter);
+            return;
+        }
         let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
         let mut events = inotify::Reader::new(&self.inotify, &mut buf);
         while events.next().is_ok() {}
