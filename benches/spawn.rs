@@ -50,14 +50,17 @@ enum Mode {
     /// Pooled cgroups, each job building its whole root (`root_template: false`, the path of
     /// `--bind`/`--rootfs` jobs and of kernels that cannot build a template).
     PooledNoTemplate,
+    /// Pooled, with the eBPF probes watching every job (`--trace`): telemetry on vs off.
+    PooledTraced,
 }
 
 impl Mode {
-    const ALL: [Mode; 4] = [
+    const ALL: [Mode; 5] = [
         Mode::Bare,
         Mode::Pooled,
         Mode::Fresh,
         Mode::PooledNoTemplate,
+        Mode::PooledTraced,
     ];
 
     fn name(self) -> &'static str {
@@ -66,6 +69,7 @@ impl Mode {
             Mode::Pooled => "joblet, pooled cgroups",
             Mode::Fresh => "joblet, fresh cgroups",
             Mode::PooledNoTemplate => "joblet, pooled, no tmpl",
+            Mode::PooledTraced => "joblet, pooled, traced",
         }
     }
 }
@@ -102,6 +106,63 @@ impl Cell {
     fn p(&self, q: f64) -> f64 {
         self.latency_ns.value_at_quantile(q) as f64 / 1_000.0
     }
+}
+
+/// Telemetry on vs off (the budget: at most 3% throughput loss, 0 lost events).
+fn print_telemetry(results: &[(&str, usize, [Cell; 5])], bpf_stats: bool) {
+    let pos = |m: Mode| Mode::ALL.iter().position(|x| *x == m).expect("mode");
+    println!("\ntelemetry on vs off (pooled cgroups):");
+    for (label, n, cells) in results {
+        let off = cells[pos(Mode::Pooled)].jobs_per_sec();
+        let on = cells[pos(Mode::PooledTraced)].jobs_per_sec();
+        println!(
+            "  {label:<14} {n} thread(s): {off:>7.0} jobs/s off, {on:>7.0} on: {:+.1}%",
+            100.0 * (on - off) / off
+        );
+    }
+    let c = telemetry().counters().expect("telemetry counters");
+    println!(
+        "  {} traced jobs, {} events lost in them; ring buffer drops {}, task map full {}, reader wakeups {}",
+        TRACED_JOBS.load(Ordering::Relaxed),
+        EVENTS_LOST.load(Ordering::Relaxed),
+        c.ringbuf_drops,
+        c.task_map_full,
+        c.reader_wakeups
+    );
+    match telemetry().program_stats() {
+        Ok(_) if !bpf_stats => {
+            println!("  (per-program BPF run time: run with JOBLET_BENCH_BPF_STATS=1)");
+        }
+        Ok(stats) => {
+            for p in stats {
+                let per = p.run_time_ns.checked_div(p.run_count).unwrap_or(0);
+                println!(
+                    "  bpf {:<22} {:>10} runs {:>8.1} ms total {:>6} ns/run",
+                    p.tracepoint,
+                    p.run_count,
+                    p.run_time_ns as f64 / 1e6,
+                    per
+                );
+            }
+        }
+        Err(e) => println!("  per-program run time unavailable: {e}"),
+    }
+}
+
+/// Jobs measured with telemetry on, and the ring-buffer events they lost.
+static TRACED_JOBS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static EVENTS_LOST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The probes, loaded once (as the daemon would), with kernel.bpf_stats_enabled on so the
+/// per-program run time can be reported.
+fn telemetry() -> &'static std::sync::Arc<joblet_runtime::telemetry::Telemetry> {
+    static T: std::sync::OnceLock<std::sync::Arc<joblet_runtime::telemetry::Telemetry>> =
+        std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        std::sync::Arc::new(
+            joblet_runtime::telemetry::Telemetry::load().expect("load the eBPF probes"),
+        )
+    })
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -146,11 +207,25 @@ fn main() {
         },
     ];
 
+    // Per-program BPF run time needs kernel.bpf_stats_enabled, which itself slows every BPF
+    // program a little: only on request, so the on/off throughput figures stay clean.
+    let stats_path = "/proc/sys/kernel/bpf_stats_enabled";
+    let stats_before = std::fs::read_to_string(stats_path).unwrap_or_default();
+    let bpf_stats = std::env::var_os("JOBLET_BENCH_BPF_STATS").is_some_and(|v| v == "1");
+    if bpf_stats {
+        std::fs::write(stats_path, "1").expect("enable kernel.bpf_stats_enabled");
+    }
     print_context(secs, rounds, &threads, &noop);
     let mut results = Vec::new();
     for program in &programs {
         for &n in &threads {
-            let mut cells = [Cell::new(), Cell::new(), Cell::new(), Cell::new()];
+            let mut cells = [
+                Cell::new(),
+                Cell::new(),
+                Cell::new(),
+                Cell::new(),
+                Cell::new(),
+            ];
             for _ in 0..rounds {
                 for (i, mode) in Mode::ALL.into_iter().enumerate() {
                     run_cell(mode, program, n, per_cell, state.path(), &mut cells[i]);
@@ -160,6 +235,10 @@ fn main() {
         }
     }
     print_table(&results);
+    print_telemetry(&results, bpf_stats);
+    if bpf_stats {
+        let _ = std::fs::write(stats_path, stats_before.trim());
+    }
     drop(noop);
     // Nothing may be left mounted on the staging dir: each job's mounts lived in its own
     // namespace and died with it.
@@ -177,8 +256,8 @@ fn run_cell(
 ) {
     let runtime = match mode {
         Mode::Bare => None,
-        Mode::Pooled | Mode::Fresh | Mode::PooledNoTemplate => Some(
-            Runtime::new(&RuntimeConfig {
+        Mode::Pooled | Mode::Fresh | Mode::PooledNoTemplate | Mode::PooledTraced => Some({
+            let mut rt = Runtime::new(&RuntimeConfig {
                 state_dir: state.to_owned(),
                 cgroup_pool: if mode == Mode::Fresh {
                     0
@@ -188,8 +267,12 @@ fn run_cell(
                 root_template: mode != Mode::PooledNoTemplate,
                 ..RuntimeConfig::default()
             })
-            .expect("create the runtime"),
-        ),
+            .expect("create the runtime");
+            if mode == Mode::PooledTraced {
+                rt.set_telemetry(telemetry().clone());
+            }
+            rt
+        }),
     };
     let devnull = std::fs::OpenOptions::new()
         .write(true)
@@ -217,6 +300,11 @@ fn run_cell(
                 assert_eq!(status, ExitStatus::Code(0), "{} in a job", program.label);
                 let record = job.finish(status, StopReason::default());
                 assert!(record.error.is_none(), "finish: {:?}", record.error);
+                if let Some(lat) = &record.latency {
+                    TRACED_JOBS.fetch_add(1, Ordering::Relaxed);
+                    let lost = lat["events_lost"].as_u64().expect("events_lost");
+                    EVENTS_LOST.fetch_add(lost, Ordering::Relaxed);
+                }
             }
         }
         hist.record(t0.elapsed().as_nanos() as u64)
@@ -387,7 +475,7 @@ fn print_context(secs: f64, rounds: u32, threads: &[usize], noop: &NoopBinary) {
     );
 }
 
-fn print_table(results: &[(&str, usize, [Cell; 4])]) {
+fn print_table(results: &[(&str, usize, [Cell; 5])]) {
     println!();
     println!(
         "{:<13} {:>3}  {:<23} {:>9} {:>9} {:>9}  {:>8} {:>8} {:>8}",
