@@ -213,11 +213,11 @@ static __always_inline struct joblet_event *reserve(struct joblet_job *job)
 	return e;
 }
 
-static __always_inline void submit(struct joblet_event *e, bool urgent)
+static __always_inline void submit(struct joblet_event *e)
 {
 	u64 flags = BPF_RB_NO_WAKEUP;
 
-	if (urgent || bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= WAKEUP_THRESHOLD)
+	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= WAKEUP_THRESHOLD)
 		flags = BPF_RB_FORCE_WAKEUP;
 #ifdef JOBLET_BENCH_WAKEUP_EVERY_EVENT
 	/* Benchmark variant only (docs/perf-telemetry.md): what batching saves. */
@@ -399,7 +399,7 @@ int joblet_sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
 	e->flags = flags;
 	e->_pad = 0;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
-	submit(e, false);
+	submit(e);
 	return 0;
 }
 
@@ -456,7 +456,10 @@ int joblet_sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
 	e->flags = flags;
 	e->_pad = 0;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
-	/* The job's end is worth a wakeup: its report is waiting on it. */
-	submit(e, leader);
+	/*
+	 * No wakeup even for the job's end: Telemetry::finish drains the ring itself after the
+	 * job is reaped, and a wakeup per job cost ~10% of the spawn rate (docs/PERFORMANCE.md).
+	 */
+	submit(e);
 	return 0;
 }
