@@ -113,11 +113,11 @@ pub(crate) fn clone3_job(
     plan: &crate::spawn::child::ChildPlan<'_>,
 ) -> io::Result<(i32, Option<OwnedFd>)> {
     let mask = super::signal::block_all()?;
-    // SAFETY: `child::run` is written to be async-signal-safe (no allocation, locks or panics;
-    // raw syscalls on data prepared before the clone, see its module docs), and every signal is
+    // `child::run` is written to be async-signal-safe (no allocation, locks or panics; raw
+    // syscalls on data prepared before the clone, see its module docs), and every signal is
     // blocked on this thread so no handler of the parent runs on the child's stack before the
-    // child resets dispositions. `plan` outlives the call: the kernel suspends this thread
-    // until the child has exec'd or exited.
+    // child resets dispositions.
+    // SAFETY: as just said; and `plan` outlives the call (this thread is suspended until exec).
     let r = unsafe { clone3_vfork(args, stack, plan, crate::spawn::child::run) };
     super::signal::restore(&mask);
     r
@@ -150,9 +150,9 @@ pub(crate) fn clone3_bare_exec(
     };
     let ctx = BareExec { path, argv, envp };
     let mask = super::signal::block_all()?;
-    // SAFETY: `bare_exec` only calls execve on data prepared before the clone (async-signal-
-    // safe) and signals are blocked; `ctx` outlives the call (the thread is suspended until the
-    // child execs or exits).
+    // `bare_exec` only calls execve on data prepared before the clone (async-signal-safe).
+    // SAFETY: as just said, signals are blocked, and `ctx` outlives the call (this thread is
+    // suspended until the child execs or exits).
     let r = unsafe { clone3_vfork(&mut args, stack, &ctx, bare_exec) };
     super::signal::restore(&mask);
     r?.1.ok_or_else(|| io::Error::other("no pidfd returned"))
@@ -183,9 +183,9 @@ unsafe fn clone3_vfork<T>(
     args.stack_size = (stack.len - GUARD) as u64;
     let tramp = Trampoline { ctx, run };
     let arg = std::ptr::addr_of!(tramp) as *mut c_void;
-    // SAFETY: `args` is a valid clone_args of the size passed; the stack is ours, 16-byte
-    // aligned at its top and unused; `trampoline::<T>` matches the ABI the assembly calls with;
-    // the caller upholds the child's async-signal-safety contract.
+    // `args` is a valid clone_args of the size passed; the stack is ours, 16-byte aligned at
+    // its top and unused; `trampoline::<T>` matches the ABI the assembly calls with.
+    // SAFETY: as just said; the caller upholds the child's async-signal-safety contract.
     let ret = unsafe { raw_clone3(args, trampoline::<T>, arg) };
     if ret < 0 {
         return Err(io::Error::from_raw_os_error((-ret) as i32));

@@ -157,9 +157,9 @@ pub(crate) fn spawn_clean(argv: &CStringArray) -> std::io::Result<i32> {
         .filter(|p| !p.is_null())
         .ok_or(std::io::ErrorKind::InvalidInput)?;
     let mut pid: libc::pid_t = 0;
-    // SAFETY: the attr is initialised before use and destroyed after; `prog` and `argv` are
-    // NULL-terminated C strings owned by `argv` (CStringArray's invariant); `environ` is the
-    // process environment, which nothing in this single-threaded init modifies concurrently.
+    // The attr is initialised before use and destroyed after; `prog` and `argv` are
+    // NULL-terminated C strings owned by `argv` (CStringArray's invariant).
+    // SAFETY: as just said; `environ` is not modified concurrently (single-threaded init).
     unsafe {
         let mut attr = std::mem::MaybeUninit::<libc::posix_spawnattr_t>::uninit();
         let rc = libc::posix_spawnattr_init(attr.as_mut_ptr());

@@ -36,11 +36,11 @@ pub(crate) fn set_mode_filter(prog: &[sock_filter]) -> Result<(), Errno> {
         len,
         filter: prog.as_ptr(),
     };
+    // The call writes no memory of this process except errno, which after a `CLONE_VM |
+    // CLONE_VFORK` clone is the suspended parent thread's, exactly as in posix_spawn's child; no
+    // Rust code relies on errno across calls.
     // SAFETY: `fprog` points at `prog`, `len` instructions long; both outlive the call, and the
-    // kernel only copies them in (it keeps its own copy of the program). The call writes no
-    // memory of this process except errno, which after a `CLONE_VM | CLONE_VFORK` clone is the
-    // suspended parent thread's, exactly as in posix_spawn's child; no Rust code relies on errno
-    // across calls.
+    // kernel only copies them in.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_seccomp,
@@ -109,7 +109,7 @@ pub(crate) mod testing {
         if denied.nr == libc::SYS_unshare {
             args[0] &= !CLONE_FILES;
         }
-        // SAFETY: every denylist entry was audited for these arguments: with all-ones pointers,
+        // Every denylist entry was audited for these arguments: with all-ones pointers,
         // fds, lengths and flags the kernel rejects each call (EFAULT, EBADF, EINVAL) before it
         // acts, even without a filter and even as root (`reboot` checks its magic first,
         // `kexec_load` its segment count and flags, `acct` faults on its path); `clone` gets
@@ -118,6 +118,7 @@ pub(crate) mod testing {
         // `unshare` with any flags but CLONE_FILES, `personality` with any value, `vhangup` (the
         // test child runs in its own session, without a controlling terminal),
         // `socket(value, -1, -1)`.
+        // SAFETY: as audited above, no call writes memory of this process.
         let rc = unsafe {
             libc::syscall(
                 denied.nr, args[0], args[1], args[2], args[3], args[4], args[5],
@@ -147,9 +148,9 @@ pub(crate) mod testing {
     #[cfg(target_arch = "x86_64")]
     pub(crate) fn i386_getpid() -> i64 {
         let mut ret: i64 = 20;
-        // SAFETY: i386 getpid takes no arguments and touches no memory; the compat entry returns
-        // in eax (sign-extended into rax here) and may clobber r8-r11, declared below. The flags
-        // are not preserved; no stack is used by the instruction itself.
+        // The compat entry returns in eax (sign-extended into rax here) and may clobber r8-r11,
+        // declared below. The flags are not preserved; no stack is used by the instruction.
+        // SAFETY: i386 getpid takes no arguments and touches no memory.
         unsafe {
             std::arch::asm!(
                 "int 0x80",

@@ -248,9 +248,9 @@ impl Ring {
     /// The data of a buffer the caller holds.
     pub(crate) fn data(&self, buf: &Buf) -> &[u8] {
         assert_eq!(buf.ring_id, self.id, "buffer of another ring");
-        // SAFETY: `bid < count`, so the slice lies within the buffer memory; the caller holds
-        // the only token for this buffer, so the kernel does not write into it until it is
-        // recycled, and the first `len` bytes were written by the kernel's read.
+        // The caller holds the only token for this buffer, so the kernel does not write into it
+        // until it is recycled, and the first `len` bytes were written by the kernel's read.
+        // SAFETY: `bid < count`, so the slice lies within the buffer memory; see above.
         unsafe {
             std::slice::from_raw_parts(
                 self.bufs
@@ -415,9 +415,9 @@ impl Ring {
             .offset(offset)
             .build()
             .user_data(ud);
-        // SAFETY: the iovec array and every byte it points to (boxed header bytes, or held
-        // provided buffers) are owned by the batch, which sits in the in-flight table until the
-        // completion; moving the batch does not move the heap memory the pointers refer to.
+        // The iovec array and every byte it points to (boxed header bytes, or held provided
+        // buffers) are owned by the batch; moving the batch does not move that heap memory.
+        // SAFETY: the batch sits in the in-flight table until the completion arrives.
         unsafe { self.push(entry) }
     }
 
@@ -468,10 +468,10 @@ impl Ring {
     /// The whole memory of a buffer the caller holds (not only its data length).
     fn data_full(&self, buf: &Buf) -> &[u8] {
         assert_eq!(buf.ring_id, self.id, "buffer of another ring");
+        // Bytes past `len` may be stale but are initialised only if the kernel wrote them;
+        // callers slice within what a read filled (`start + len` of a part never exceeds it).
         // SAFETY: as in `data`: within the buffer memory, which the kernel does not write while
-        // the caller holds the token. Bytes past `len` may be stale but are initialised only if
-        // the kernel wrote them; callers slice within what a read filled (`start + len` of a
-        // part never exceeds the read's length).
+        // the caller holds the token.
         unsafe {
             std::slice::from_raw_parts(
                 self.bufs
