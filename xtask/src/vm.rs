@@ -209,7 +209,7 @@ pub(crate) fn run(args: Vec<String>) -> Result<()> {
         .with_context(|| format!("failed to create {}", results_dir.display()))?;
     write_guest_plan(&results_dir, &binaries, &opts)?;
     let initramfs = run_dir.join("initramfs.cpio");
-    write_file(&initramfs, &initramfs_image(&kernel, &busybox)?)?;
+    write_file(&initramfs, &initramfs_image(&kernel, &busybox, &workspace)?)?;
     let console_log = run_dir.join("console.log");
     let disk = run_dir.join("disk.img");
     make_root_disk(&disk)?;
@@ -845,6 +845,12 @@ for p in /host/*; do
             || fail "mount the overlay of /$n"
     fi
 done
+WS="@WORKSPACE_SHARE@"
+if [ -n "$WS" ]; then
+    mkdir -p /newroot/.vm-test/ws "$L/upper/.ws" "$L/work/.ws" || fail "create the workspace overlay"
+    mount -t overlay -o "lowerdir=/host$WS,upperdir=$L/upper/.ws,workdir=$L/work/.ws" overlay \
+        /newroot/.vm-test/ws || fail "mount the overlay of the workspace $WS"
+fi
 cp /bin/busybox /stage2 /newroot/.vm-test/ || fail "copy stage 2"
 for d in dev proc sys; do mount --move "/$d" "/newroot/$d" || fail "move /$d"; done
 exec switch_root /newroot /.vm-test/stage2
@@ -872,6 +878,10 @@ $B mount -t tmpfs -o mode=755 tmpfs /run || fail "mount /run"
 $B mkdir -p /dev/pts /dev/shm
 $B mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts || fail "mount /dev/pts"
 $B mount -t tmpfs -o mode=1777 tmpfs /dev/shm || fail "mount /dev/shm"
+WS="@WORKSPACE_SHARE@"
+if [ -n "$WS" ]; then
+    $B mkdir -p "$WS" && $B mount --move /.vm-test/ws "$WS" || fail "move the workspace to $WS"
+fi
 $B ip link set lo up || fail "bring up lo"
 $B hostname joblet-vm
 $B mkdir -p $R && $B mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 results $R \
@@ -905,7 +915,7 @@ $B poweroff -f
 "#;
 
 /// The initramfs: busybox, the two stages and the kernel modules, as an uncompressed newc cpio.
-fn initramfs_image(kernel: &Kernel, busybox: &[u8]) -> Result<Vec<u8>> {
+fn initramfs_image(kernel: &Kernel, busybox: &[u8], workspace: &Workspace) -> Result<Vec<u8>> {
     let mut cpio = Cpio::default();
     for dir in ["bin", "dev", "proc", "sys", "host", "newroot", "modules"] {
         cpio.entry(dir, 0o040_755, (0, 0), &[]);
@@ -913,9 +923,28 @@ fn initramfs_image(kernel: &Kernel, busybox: &[u8]) -> Result<Vec<u8>> {
     // The kernel opens /dev/console for init's stdio before devtmpfs is mounted.
     cpio.entry("dev/console", 0o020_600, (5, 1), &[]);
     cpio.entry("bin/busybox", 0o100_755, (0, 0), busybox);
-    let stage1 = STAGE1.replace("@SKIPPED@", HOST_DIRS_SKIPPED);
+    // A workspace below a directory the guest does not share or replaces with a tmpfs (a CI
+    // clone under /tmp, say) gets an overlay of its own, moved into place after those mounts.
+    let ws = workspace
+        .root
+        .to_str()
+        .context("the workspace path is not UTF-8")?;
+    ensure!(
+        !ws.contains(['"', '$', '`', '\\']),
+        "unsupported characters in the workspace path {ws}"
+    );
+    let hidden = HOST_DIRS_SKIPPED
+        .split(' ')
+        .chain(["var/lib"])
+        .any(|d| workspace.root.starts_with(Path::new("/").join(d)));
+    let ws_share = if hidden { ws } else { "" };
+    let stage1 = STAGE1
+        .replace("@SKIPPED@", HOST_DIRS_SKIPPED)
+        .replace("@WORKSPACE_SHARE@", ws_share);
     cpio.entry("init", 0o100_755, (0, 0), stage1.as_bytes());
-    let stage2 = STAGE2.replace("@CONTROLLERS@", GUEST_CONTROLLERS);
+    let stage2 = STAGE2
+        .replace("@CONTROLLERS@", GUEST_CONTROLLERS)
+        .replace("@WORKSPACE_SHARE@", ws_share);
     cpio.entry("stage2", 0o100_755, (0, 0), stage2.as_bytes());
     let modules = kernel.modules()?;
     for module in &modules {
