@@ -98,6 +98,7 @@ fn cmd_run(state: &StateDir, args: &RunArgs) -> anyhow::Result<ExitCode> {
         // One job: building a template for it alone costs more than it saves (~1 ms measured,
         // docs/PERFORMANCE.md).
         root_template: false,
+        kill_on_supervisor_exit: true,
         ..RuntimeConfig::default()
     };
     let mut runtime = Runtime::new(&config)?;
@@ -291,12 +292,28 @@ fn resolve_id(state: &StateDir, id: &str) -> anyhow::Result<JobId> {
 fn cmd_logs(state: &StateDir, id: &str, opts: &LogsOptions) -> anyhow::Result<ExitCode> {
     let id = resolve_id(state, id)?;
     let reader = state.open_log(&id)?;
+    // A job whose supervisor died will never get its end chunk: show what is stored, then say
+    // why instead of following forever.
+    let orphaned = state.read_record(&id).ok().filter(|r| {
+        r.state == joblet_runtime::job::JobState::Running
+            && r.effective_state() != joblet_runtime::job::JobState::Running
+    });
+    let opts = LogsOptions {
+        follow: opts.follow && orphaned.is_none(),
+        ..opts.clone()
+    };
     let summary = copy_logs(
         reader,
-        opts,
+        &opts,
         &mut std::io::stdout().lock(),
         &mut std::io::stderr().lock(),
     )?;
+    if let Some(r) = orphaned
+        && !summary.ended
+    {
+        let pid = r.runtime.supervisor.map_or(0, |s| s.pid);
+        bail!("job {id}: its supervisor (pid {pid}) is gone, so its log will not grow or end");
+    }
     if opts.follow && !summary.ended {
         bail!("job {id}: the log ended without its end marker");
     }

@@ -56,7 +56,7 @@ fn refresh_jobs(
     };
     let running: Vec<JobRecord> = records
         .into_iter()
-        .filter(|r| r.state == JobState::Running && r.runtime.cgroup_id != 0)
+        .filter(|r| r.effective_state() == JobState::Running && r.runtime.cgroup_id != 0)
         .collect();
     let ids: Vec<u64> = running.iter().map(|r| r.runtime.cgroup_id).collect();
     watched.retain(|id, _| {

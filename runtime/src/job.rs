@@ -331,6 +331,53 @@ pub struct JobRecord {
     pub latency: Option<serde_json::Value>,
 }
 
+/// A supervising process, identified by pid and start time (a pid alone can be reused).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Supervisor {
+    /// Its pid.
+    pub pid: u32,
+    /// Its start time in clock ticks after boot (`/proc/PID/stat` field 22).
+    pub start_ticks: u64,
+}
+
+impl Supervisor {
+    /// The calling process.
+    pub fn current() -> Option<Supervisor> {
+        let pid = std::process::id();
+        Some(Supervisor {
+            pid,
+            start_ticks: start_ticks(pid)?,
+        })
+    }
+
+    /// Whether this process still exists (same pid and same start time).
+    pub fn is_alive(&self) -> bool {
+        start_ticks(self.pid) == Some(self.start_ticks)
+    }
+}
+
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields follow the last ')'.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    // A zombie has exited: it only waits to be reaped.
+    if matches!(fields.next(), Some("Z" | "X")) {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
+}
+
+impl JobRecord {
+    /// The state to show: a record still `running` whose supervisor is gone is `failed` (the
+    /// supervisor crashed; its job died with it or is orphaned).
+    pub fn effective_state(&self) -> JobState {
+        match (self.state, &self.runtime.supervisor) {
+            (JobState::Running, Some(s)) if !s.is_alive() => JobState::Failed,
+            (state, _) => state,
+        }
+    }
+}
+
 /// The job's captured output, for the record.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutputInfo {
@@ -359,6 +406,10 @@ pub struct RuntimeInfo {
     pub cgroup_path: Option<std::path::PathBuf>,
     /// Which spawn path ran (e.g. `clone3-vfork-into-cgroup`).
     pub spawn_path: String,
+    /// The process supervising the job while it runs (`joblet run` or the daemon), so readers
+    /// can tell a running job from one whose supervisor died.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervisor: Option<Supervisor>,
     /// The job's network mode.
     pub network: Option<NetworkMode>,
     /// The job's uid.
@@ -405,6 +456,26 @@ mod tests {
         assert!(JobId::parse("").is_none());
         assert!(JobId::parse("../etc").is_none());
         assert!(JobId::parse("a/b").is_none());
+    }
+
+    #[test]
+    fn supervisor_liveness_uses_pid_and_start_time() {
+        let me = Supervisor::current().expect("own stat");
+        assert!(me.is_alive());
+        assert!(
+            !Supervisor {
+                start_ticks: me.start_ticks + 1,
+                ..me
+            }
+            .is_alive()
+        );
+        assert!(
+            !Supervisor {
+                pid: u32::MAX - 1,
+                ..me
+            }
+            .is_alive()
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use crate::{joblet, privileged, sh};
 
 /// Host processes whose command line contains `marker`.
-fn host_processes_with(marker: &str) -> Vec<String> {
+pub(crate) fn host_processes_with(marker: &str) -> Vec<String> {
     let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {

@@ -194,3 +194,67 @@ fn top_shows_running_jobs_with_kernel_figures() {
     let cpu: f64 = row.split_whitespace().nth(1).unwrap().parse().unwrap();
     assert!(cpu > 10.0, "a busy loop shows CPU use: {row}");
 }
+
+#[test]
+fn a_job_dies_with_a_killed_joblet_run_and_is_shown_as_failed() {
+    if !privileged() {
+        return;
+    }
+    let state = tempfile::tempdir().unwrap();
+    let marker = format!("sleep 79.{}", std::process::id());
+    let mut run = joblet_in(state.path())
+        .args([
+            "run",
+            "--",
+            "/bin/sh",
+            "-c",
+            &format!("echo started; {marker}"),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 8];
+    run.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"started\n");
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let id = only_job_id(state.path());
+    // The job died with its supervisor (PR_SET_PDEATHSIG): no process of it is left.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !crate::lifecycle::host_processes_with(&marker).is_empty() {
+        assert!(Instant::now() < deadline, "the job outlived its joblet run");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ps = joblet_in(state.path())
+        .args(["ps", "--all"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&ps.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&id) && l.contains("failed")),
+        "{table}"
+    );
+    // Following its log does not hang: it prints what is stored and says why it stops.
+    let t = Instant::now();
+    let logs = joblet_in(state.path())
+        .args(["logs", "-f", &id])
+        .output()
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(logs.stdout, b"started\n");
+    assert!(
+        String::from_utf8_lossy(&logs.stderr).contains("supervisor"),
+        "{logs:?}"
+    );
+    assert_eq!(logs.status.code(), Some(125));
+    // A killed supervisor cannot remove the job's cgroups: this test removes them (they are
+    // empty, the job is gone).
+    for h in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        let dir = h.path().join("joblet").join(&id);
+        if dir.exists() {
+            std::fs::remove_dir(&dir).unwrap_or_else(|e| panic!("remove {}: {e}", dir.display()));
+        }
+    }
+}

@@ -146,6 +146,8 @@ pub(crate) struct ChildPlan<'a> {
     /// The root template's mount namespace: the child copies it instead of building the root
     /// (`mounts` then holds only the per-job mounts, with absolute paths).
     pub(crate) root_template: Option<BorrowedFd<'a>>,
+    /// `PR_SET_PDEATHSIG(SIGKILL)`: the job dies with the thread that spawned it.
+    pub(crate) parent_death_kill: bool,
     pub(crate) mounts: &'a [MountOp],
     pub(crate) hostname: &'a [u8],
     pub(crate) loopback: bool,
@@ -231,6 +233,14 @@ fn setup_and_exec(plan: &ChildPlan<'_>) -> StepResult<Never> {
     )?;
 
     drop_privileges(plan)?;
+    if plan.parent_death_kill {
+        // After the uid change, which clears the setting. The parent thread is suspended until
+        // exec (vfork), so it cannot die unnoticed before this call.
+        at(
+            Step::ResetSignals,
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL)),
+        )?;
+    }
 
     at(Step::NoNewPrivs, rustix::thread::set_no_new_privs(true))?;
     if let Some(filter) = plan.seccomp {

@@ -137,6 +137,10 @@ pub struct RuntimeConfig {
     /// (see `docs/design/spawn.md`, "Root template"). Worth it for processes that spawn more
     /// than one job; a one-shot `joblet run` builds the root in the job itself.
     pub root_template: bool,
+    /// Kill a job (SIGKILL to its PID 1, so its whole PID namespace) if the thread that spawned
+    /// it dies: for a foreground `joblet run`, whose jobs must not outlive it. A daemon that
+    /// hands jobs over across restarts leaves it off.
+    pub kill_on_supervisor_exit: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -146,6 +150,7 @@ impl Default for RuntimeConfig {
             state_dir: default_state_dir(),
             cgroup_pool: 0,
             root_template: true,
+            kill_on_supervisor_exit: false,
         }
     }
 }
@@ -167,6 +172,7 @@ pub struct Runtime {
     init_exe: std::sync::OnceLock<Result<OwnedFd, Errno>>,
     template: std::sync::Mutex<TemplateState>,
     telemetry: Option<std::sync::Arc<crate::telemetry::Telemetry>>,
+    kill_on_supervisor_exit: bool,
 }
 
 thread_local! {
@@ -200,6 +206,7 @@ impl Runtime {
                 TemplateState::Off
             }),
             telemetry: None,
+            kill_on_supervisor_exit: config.kill_on_supervisor_exit,
         })
     }
 
@@ -374,6 +381,7 @@ impl Runtime {
                 err_pipe: err_write.as_fd(),
                 join_procs: join,
                 root_template: template.map(|t| t.ns()),
+                parent_death_kill: self.kill_on_supervisor_exit,
                 mounts,
                 hostname,
                 loopback: spec.sandbox.network == NetworkMode::None,
@@ -956,6 +964,7 @@ fn base_record(spec: &JobSpec, layout: &str, path: &str, cgroup_id: u64) -> JobR
             cgroup_layout: layout.to_owned(),
             cgroup_id,
             cgroup_path: None,
+            supervisor: crate::job::Supervisor::current(),
             spawn_path: path.to_owned(),
             network: Some(spec.sandbox.network),
             uid: spec.sandbox.uid,

@@ -168,7 +168,7 @@ pub fn rfc3339(ts_ns: u64) -> String {
 pub fn ps_filter(records: Vec<JobRecord>, all: bool) -> Vec<JobRecord> {
     records
         .into_iter()
-        .filter(|r| all || r.state == JobState::Running)
+        .filter(|r| all || r.effective_state() == JobState::Running)
         .collect()
 }
 
@@ -182,7 +182,7 @@ pub fn ps_table(records: &[JobRecord], now_ns: u64) -> String {
         "ID", "STATE", "EXIT", "STARTED", "DURATION"
     );
     for r in records {
-        let state = serde_json::to_value(r.state)
+        let state = serde_json::to_value(r.effective_state())
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
@@ -191,7 +191,7 @@ pub fn ps_table(records: &[JobRecord], now_ns: u64) -> String {
             (None, Some(sig)) => format!("s{sig}"),
             _ => "-".to_owned(),
         };
-        let wall = if r.state == JobState::Running {
+        let wall = if r.effective_state() == JobState::Running {
             now_ns.saturating_sub(r.started_at_ns)
         } else {
             r.wall_ns
