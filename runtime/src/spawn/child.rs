@@ -17,85 +17,58 @@ use crate::rootfs::MountOp;
 use crate::sys;
 use crate::sys::misc::CStringArray;
 
-/// Which step of the child's setup failed. The numbering is internal to one joblet binary
-/// (parent and child are the same program).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u32)]
-pub(crate) enum Step {
-    ResetSignals = 1,
-    JoinCgroup,
-    CgroupNamespace,
-    Mount,
-    Hostname,
-    Loopback,
-    Rlimit,
-    Stdio,
-    CloseFds,
-    Workdir,
-    SetGroups,
-    SetGid,
-    SetUid,
-    KeepCaps,
-    Capabilities,
-    AmbientCaps,
-    NoNewPrivs,
-    Seccomp,
-    Exec,
-    RootTemplate,
+/// Declares [`Step`] from one table: each step and its description, so the list, the decoding
+/// and the messages cannot drift apart.
+macro_rules! steps {
+    ($($name:ident => $what:literal,)*) => {
+        /// Which step of the child's setup failed. The numbering (declaration order) is internal
+        /// to one joblet binary: parent and child are the same program.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[repr(u32)]
+        pub(crate) enum Step {
+            $($name,)*
+        }
+
+        impl Step {
+            const ALL: &'static [Step] = &[$(Step::$name,)*];
+
+            /// Human description, read after "failed to".
+            pub(crate) fn describe(self) -> &'static str {
+                match self {
+                    $(Step::$name => $what,)*
+                }
+            }
+        }
+    };
+}
+
+steps! {
+    ResetSignals => "reset signal dispositions",
+    JoinCgroup => "join the job's v1 cgroups",
+    CgroupNamespace => "enter a new cgroup namespace",
+    Mount => "set up the job's filesystem",
+    Hostname => "set the hostname",
+    Loopback => "bring up loopback in the new network namespace",
+    Rlimit => "set resource limits",
+    Stdio => "set up stdin/stdout/stderr",
+    CloseFds => "close inherited file descriptors",
+    Workdir => "enter the working directory",
+    SetGroups => "drop supplementary groups",
+    SetGid => "set the group id",
+    SetUid => "set the user id",
+    KeepCaps => "keep capabilities across the user change",
+    Capabilities => "set capabilities",
+    AmbientCaps => "raise ambient capabilities",
+    ParentDeathSignal => "set the parent-death signal",
+    NoNewPrivs => "set no_new_privs",
+    Seccomp => "install the seccomp filter",
+    Exec => "execute the command",
+    RootTemplate => "enter the root template's mount namespace",
 }
 
 impl Step {
     pub(crate) fn from_u32(v: u32) -> Option<Step> {
-        use Step::*;
-        const ALL: [Step; 20] = [
-            ResetSignals,
-            JoinCgroup,
-            CgroupNamespace,
-            Mount,
-            Hostname,
-            Loopback,
-            Rlimit,
-            Stdio,
-            CloseFds,
-            Workdir,
-            SetGroups,
-            SetGid,
-            SetUid,
-            KeepCaps,
-            Capabilities,
-            AmbientCaps,
-            NoNewPrivs,
-            Seccomp,
-            Exec,
-            RootTemplate,
-        ];
-        ALL.into_iter().find(|s| *s as u32 == v)
-    }
-
-    /// Human description, read after "failed to".
-    pub(crate) fn describe(self) -> &'static str {
-        match self {
-            Step::ResetSignals => "reset signal dispositions",
-            Step::JoinCgroup => "join the job's v1 cgroups",
-            Step::CgroupNamespace => "enter a new cgroup namespace",
-            Step::Mount => "set up the job's filesystem",
-            Step::Hostname => "set the hostname",
-            Step::Loopback => "bring up loopback in the new network namespace",
-            Step::Rlimit => "set resource limits",
-            Step::Stdio => "set up stdin/stdout/stderr",
-            Step::CloseFds => "close inherited file descriptors",
-            Step::Workdir => "enter the working directory",
-            Step::SetGroups => "drop supplementary groups",
-            Step::SetGid => "set the group id",
-            Step::SetUid => "set the user id",
-            Step::KeepCaps => "keep capabilities across the user change",
-            Step::Capabilities => "set capabilities",
-            Step::AmbientCaps => "raise ambient capabilities",
-            Step::NoNewPrivs => "set no_new_privs",
-            Step::Seccomp => "install the seccomp filter",
-            Step::Exec => "execute the command",
-            Step::RootTemplate => "enter the root template's mount namespace",
-        }
+        Step::ALL.get(v as usize).copied()
     }
 }
 
@@ -237,7 +210,7 @@ fn setup_and_exec(plan: &ChildPlan<'_>) -> StepResult<Never> {
         // After the uid change, which clears the setting. The parent thread is suspended until
         // exec (vfork), so it cannot die unnoticed before this call.
         at(
-            Step::ResetSignals,
+            Step::ParentDeathSignal,
             rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL)),
         )?;
     }
@@ -366,5 +339,24 @@ fn exec(plan: &ChildPlan<'_>) -> StepResult<Never> {
             }
             Err((Step::Exec, 0, if saw_eacces { Errno::ACCESS } else { last }))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_failure_round_trips_through_the_pipe_encoding() {
+        for &step in Step::ALL {
+            let bytes = Failure::encode(step, 7, Errno::NOENT);
+            let want = Failure {
+                step,
+                index: 7,
+                errno: libc::ENOENT,
+            };
+            assert_eq!(Failure::decode(&bytes), Some(want), "{step:?}");
+        }
+        assert_eq!(Failure::decode(&[0xff; Failure::SIZE]), None);
     }
 }
