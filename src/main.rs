@@ -8,7 +8,7 @@ mod top;
 
 use std::ffi::OsString;
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
@@ -340,15 +340,10 @@ fn cmd_inspect(state: &StateDir, id: &str, json: bool) -> anyhow::Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-/// Writes the record atomically: a reader never sees half a report.
+/// Writes the record atomically and durably: a reader never sees half a report.
 fn write_report(path: &Path, record: &JobRecord) -> anyhow::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::File::create(&tmp)?;
-    serde_json::to_writer_pretty(&mut f, record)?;
-    f.write_all(b"\n")?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
+    let mut json = serde_json::to_vec_pretty(record)?;
+    json.push(b'\n');
+    joblet_runtime::store::replace_file(path, &json, 0o644, true)?;
     Ok(())
 }

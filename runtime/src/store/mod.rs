@@ -202,6 +202,11 @@ impl StateDir {
 
     /// Creates the job's directory (mode 0700, parents as needed) and its empty log.
     pub fn create_job(&self, id: &JobId) -> Result<LogWriter, StoreError> {
+        LogWriter::create(&self.ensure_job_dir(id)?.join(LOG_FILE))
+    }
+
+    /// The job's directory, created (mode 0700, parents as needed) if missing.
+    fn ensure_job_dir(&self, id: &JobId) -> Result<PathBuf, StoreError> {
         let dir = self.job_dir(id);
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -211,7 +216,7 @@ impl StateDir {
                 path: dir.clone(),
                 source,
             })?;
-        LogWriter::create(&dir.join(LOG_FILE))
+        Ok(dir)
     }
 
     /// Opens a job's log for reading.
@@ -237,45 +242,13 @@ impl StateDir {
     }
 
     fn replace_record(&self, record: &JobRecord, durable: bool) -> Result<(), StoreError> {
-        let dir = self.job_dir(&record.id);
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|source| StoreError::CreateDir {
-                path: dir.clone(),
-                source,
-            })?;
-        let path = dir.join(RECORD_FILE);
-        let tmp = dir.join(format!(".{RECORD_FILE}.{}.tmp", std::process::id()));
+        let path = self.ensure_job_dir(&record.id)?.join(RECORD_FILE);
         let mut json = serde_json::to_vec_pretty(record).map_err(|source| StoreError::Record {
             path: path.clone(),
             source,
         })?;
         json.push(b'\n');
-        let write = || -> io::Result<()> {
-            use std::io::Write as _;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&json)?;
-            if durable { f.sync_data() } else { Ok(()) }
-        };
-        if let Err(source) = write() {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(StoreError::Write { path: tmp, source });
-        }
-        std::fs::rename(&tmp, &path).map_err(|source| {
-            let _ = std::fs::remove_file(&tmp);
-            StoreError::Write {
-                path: path.clone(),
-                source,
-            }
-        })?;
-        if durable { sync_dir(&dir) } else { Ok(()) }
+        replace_file(&path, &json, 0o600, durable)
     }
 
     /// Reads a job's record.
@@ -333,6 +306,45 @@ impl StateDir {
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 
 /// fsyncs a directory so a rename or create in it survives a power cut.
+/// Replaces `path` with `bytes` atomically: written to a temporary file beside it (created with
+/// `mode`), then renamed over it, so a reader sees the old or the new content, never a mix.
+/// With `durable`, the file and then its directory are synced, so the new content also survives
+/// a power cut. Used for records and for `joblet run --report`.
+pub fn replace_file(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> Result<(), StoreError> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let write = || -> io::Result<()> {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        if durable { f.sync_data() } else { Ok(()) }
+    };
+    if let Err(source) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(StoreError::Write { path: tmp, source });
+    }
+    std::fs::rename(&tmp, path).map_err(|source| {
+        let _ = std::fs::remove_file(&tmp);
+        StoreError::Write {
+            path: path.to_owned(),
+            source,
+        }
+    })?;
+    if durable { sync_dir(dir) } else { Ok(()) }
+}
+
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
