@@ -103,10 +103,10 @@ impl Failure {
 }
 
 /// How the command is executed.
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) enum Program<'a> {
     /// Try each path in order, like `execvp` (the `PATH` lookup done in the parent).
-    Paths(Vec<CString>),
+    Paths(&'a [CString]),
     /// Execute this file descriptor (joblet's own binary as the job's init).
     Fd(BorrowedFd<'a>),
 }
@@ -125,14 +125,14 @@ pub(crate) struct ChildPlan<'a> {
     pub(crate) hostname: &'a [u8],
     pub(crate) loopback: bool,
     pub(crate) stdio: [BorrowedFd<'a>; 3],
-    pub(crate) workdir: CString,
+    pub(crate) workdir: &'a CString,
     pub(crate) uid: u32,
     pub(crate) gid: u32,
     pub(crate) caps: CapabilitySet,
     pub(crate) seccomp: Option<&'a seccompiler::BpfProgram>,
     pub(crate) program: Program<'a>,
-    pub(crate) argv: CStringArray,
-    pub(crate) envp: CStringArray,
+    pub(crate) argv: &'a CStringArray,
+    pub(crate) envp: &'a CStringArray,
 }
 
 /// Highest capability number this code knows (`CAP_CHECKPOINT_RESTORE`, Linux 5.9).
@@ -321,7 +321,7 @@ fn drop_privileges(plan: &ChildPlan<'_>) -> StepResult<()> {
 fn exec(plan: &ChildPlan<'_>) -> StepResult<Never> {
     match &plan.program {
         Program::Fd(fd) => {
-            let e = sys::misc::exec_fd(*fd, &plan.argv, &plan.envp);
+            let e = sys::misc::exec_fd(*fd, plan.argv, plan.envp);
             Err((Step::Exec, 0, e))
         }
         Program::Paths(paths) => {
@@ -329,8 +329,8 @@ fn exec(plan: &ChildPlan<'_>) -> StepResult<Never> {
             // remembered (a later entry may still work); anything else stops the search.
             let mut saw_eacces = false;
             let mut last = Errno::NOENT;
-            for p in paths {
-                let e = sys::misc::exec_path(p, &plan.argv, &plan.envp);
+            for p in *paths {
+                let e = sys::misc::exec_path(p, plan.argv, plan.envp);
                 match e {
                     Errno::NOENT | Errno::NOTDIR => last = Errno::NOENT,
                     Errno::ACCESS => saw_eacces = true,

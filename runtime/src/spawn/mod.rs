@@ -360,7 +360,7 @@ impl Runtime {
                 init_fd = self.init_exe()?;
                 Program::Fd(init_fd)
             }
-            false => Program::Paths(exec.paths.clone()),
+            false => Program::Paths(&exec.paths),
         };
         let mut flags = sys::clone3::CLONE_VM
             | sys::clone3::CLONE_VFORK
@@ -386,17 +386,14 @@ impl Runtime {
                 hostname,
                 loopback: spec.sandbox.network == NetworkMode::None,
                 stdio,
-                workdir: workdir.clone(),
+                workdir,
                 uid: spec.sandbox.uid,
                 gid: spec.sandbox.gid,
                 caps: spec.sandbox.caps,
                 seccomp,
-                program: match &program {
-                    Program::Fd(fd) => Program::Fd(*fd),
-                    Program::Paths(p) => Program::Paths(p.clone()),
-                },
-                argv: exec.argv(),
-                envp: exec.envp(),
+                program,
+                argv: &exec.argv,
+                envp: &exec.envp,
             };
             let mut args = CloneArgs {
                 flags: flags
@@ -637,8 +634,8 @@ impl Runtime {
         };
         Ok(PreparedExec {
             paths,
-            argv,
-            envp,
+            argv: CStringArray::new(argv),
+            envp: CStringArray::new(envp),
             init: spec.sandbox.init,
         })
     }
@@ -662,18 +659,9 @@ enum TemplateState {
 #[derive(Debug)]
 struct PreparedExec {
     paths: Vec<CString>,
-    argv: Vec<CString>,
-    envp: Vec<CString>,
+    argv: CStringArray,
+    envp: CStringArray,
     init: bool,
-}
-
-impl PreparedExec {
-    fn argv(&self) -> CStringArray {
-        CStringArray::new(self.argv.clone())
-    }
-    fn envp(&self) -> CStringArray {
-        CStringArray::new(self.envp.clone())
-    }
 }
 
 /// The job's standard streams. `stdin: None` gives the job `/dev/null`.
@@ -685,23 +673,6 @@ pub struct Stdio {
     pub stdout: OwnedFd,
     /// Standard error.
     pub stderr: OwnedFd,
-}
-
-impl Stdio {
-    /// Duplicates this process's own stdout and stderr (and stdin if `interactive`).
-    pub fn inherit(interactive: bool) -> io::Result<Stdio> {
-        let dup =
-            |fd: BorrowedFd<'_>| rustix::io::fcntl_dupfd_cloexec(fd, 3).map_err(io::Error::from);
-        Ok(Stdio {
-            stdin: if interactive {
-                Some(dup(rustix::stdio::stdin())?)
-            } else {
-                None
-            },
-            stdout: dup(rustix::stdio::stdout())?,
-            stderr: dup(rustix::stdio::stderr())?,
-        })
-    }
 }
 
 /// How a job's main process ended.
