@@ -2,8 +2,7 @@
 //!
 //! The eBPF probes are loaded by this process and watch every running job's cgroup (found in the
 //! state dir's records); figures are what the probes measured since `top` started watching.
-//! CPU comes from the probes' on-CPU time, memory from the job's cgroup, read once per refresh
-//! for display only.
+//! CPU and memory come from the job's cgroup, read once per refresh for display only.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -17,7 +16,8 @@ use joblet_runtime::telemetry::Telemetry;
 /// One job being watched.
 struct Watched {
     record: JobRecord,
-    last_on_cpu: u64,
+    /// The job's cgroup CPU time at the previous refresh.
+    last_cpu_ns: u64,
 }
 
 /// Runs the live view; with `once`, prints one table after one interval and returns.
@@ -71,9 +71,10 @@ fn refresh_jobs(
         if let std::collections::btree_map::Entry::Vacant(e) = watched.entry(id)
             && telemetry.watch(id, 0).is_ok()
         {
+            let last_cpu_ns = cpu_time(&r).unwrap_or(0);
             e.insert(Watched {
                 record: r,
-                last_on_cpu: 0,
+                last_cpu_ns,
             });
         }
     }
@@ -101,10 +102,12 @@ fn render(
         let Ok(snap) = telemetry.snapshot(*id) else {
             continue;
         };
-        let cpu = (snap.on_cpu_ns.saturating_sub(w.last_on_cpu)) as f64
-            / elapsed.as_nanos().max(1) as f64
-            * 100.0;
-        w.last_on_cpu = snap.on_cpu_ns;
+        // CPU from the cgroup's accounting: the probes count on-CPU time only when a task is
+        // switched out, so a busy loop that keeps its core would show 0% between switches.
+        let now_cpu = cpu_time(&w.record).unwrap_or(w.last_cpu_ns);
+        let cpu =
+            now_cpu.saturating_sub(w.last_cpu_ns) as f64 / elapsed.as_nanos().max(1) as f64 * 100.0;
+        w.last_cpu_ns = now_cpu;
         let mem = w
             .record
             .runtime
@@ -144,4 +147,8 @@ fn bytes(v: u64) -> String {
         1_048_576..1_073_741_824 => format!("{:.1}M", v as f64 / 1_048_576.0),
         _ => format!("{:.2}G", v as f64 / 1_073_741_824.0),
     }
+}
+
+fn cpu_time(record: &JobRecord) -> Option<u64> {
+    joblet_runtime::cgroup::cpu_time_ns(record.runtime.cgroup_path.as_deref()?)
 }

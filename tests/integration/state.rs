@@ -216,6 +216,17 @@ fn a_job_dies_with_a_killed_joblet_run_and_is_shown_as_failed() {
     let mut first = [0u8; 8];
     run.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
     assert_eq!(&first, b"started\n");
+    // The job can print before joblet has written its `running` record: wait for the record.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_dir(state.path().join("jobs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.path().join("record.json").exists())
+    {
+        assert!(Instant::now() < deadline, "no record was written");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     run.kill().unwrap();
     run.wait().unwrap();
     let id = only_job_id(state.path());

@@ -637,3 +637,11 @@ pub fn memory_current(v2_path: &Path) -> Option<u64> {
             .join("memory.usage_in_bytes"),
     )
 }
+
+/// CPU time (user + system) used so far by a job, from its v2 directory's `cpu.stat` (present in
+/// every v2 cgroup, hybrid hosts included). For live views (`joblet top`): unlike on-CPU time
+/// from the probes, it includes the slice a task is running right now.
+pub fn cpu_time_ns(v2_path: &Path) -> Option<u64> {
+    let (user, system) = parse_cpu_stat(&std::fs::read_to_string(v2_path.join("cpu.stat")).ok()?)?;
+    Some(user + system)
+}
