@@ -201,6 +201,9 @@ fn a_job_dies_with_a_killed_joblet_run_and_is_shown_as_failed() {
         return;
     }
     let state = tempfile::tempdir().unwrap();
+    // A killed supervisor cannot remove its job's cgroups: this guard removes them (empty, the
+    // job is gone), even when an assertion below fails.
+    let _cleanup = RemoveJobCgroups(state.path().to_owned());
     let marker = format!("sleep 79.{}", std::process::id());
     let mut run = joblet_in(state.path())
         .args([
@@ -260,12 +263,33 @@ fn a_job_dies_with_a_killed_joblet_run_and_is_shown_as_failed() {
         "{logs:?}"
     );
     assert_eq!(logs.status.code(), Some(125));
-    // A killed supervisor cannot remove the job's cgroups: this test removes them (they are
-    // empty, the job is gone).
-    for h in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
-        let dir = h.path().join("joblet").join(&id);
-        if dir.exists() {
-            std::fs::remove_dir(&dir).unwrap_or_else(|e| panic!("remove {}: {e}", dir.display()));
+}
+
+/// Removes, on drop, the cgroups of every job in a state dir (waiting briefly for the kernel to
+/// release exited tasks).
+struct RemoveJobCgroups(std::path::PathBuf);
+
+impl Drop for RemoveJobCgroups {
+    fn drop(&mut self) {
+        let ids = std::fs::read_dir(self.0.join("jobs"))
+            .into_iter()
+            .flatten()
+            .flatten();
+        for id in ids.map(|e| e.file_name()) {
+            for h in std::fs::read_dir("/sys/fs/cgroup")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let dir = h.path().join("joblet").join(&id);
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while dir.exists()
+                    && std::fs::remove_dir(&dir).is_err()
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
         }
     }
 }
