@@ -33,6 +33,31 @@ pub fn root() -> bool {
 /// `clone3(CLONE_VM | CLONE_VFORK | CLONE_PIDFD)` + `execve` and no isolation at all, and waits
 /// for it through its pidfd. Returns the exit code.
 pub fn bare_spawn_wait(path: &std::ffi::CStr) -> std::io::Result<i32> {
+    baseline_spawn_wait(path, 0, None)
+}
+
+/// The spawn benchmark's "namespaces + cgroup" floor: like [`bare_spawn_wait`], with the job's
+/// namespace set (`CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS`) and born in the
+/// cgroup v2 directory `cgroup` (`CLONE_INTO_CGROUP`), and nothing else: no root, no
+/// privilege drop, no seccomp, no accounting. The cheapest spawn with the same kernel objects
+/// per job as a joblet job.
+pub fn ns_cgroup_spawn_wait(
+    path: &std::ffi::CStr,
+    cgroup: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<i32> {
+    use crate::sys::clone3::{CLONE_NEWIPC, CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWUTS};
+    baseline_spawn_wait(
+        path,
+        CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS,
+        Some(cgroup),
+    )
+}
+
+fn baseline_spawn_wait(
+    path: &std::ffi::CStr,
+    flags: u64,
+    cgroup: Option<std::os::fd::BorrowedFd<'_>>,
+) -> std::io::Result<i32> {
     use crate::sys::misc::CStringArray;
     thread_local! {
         static STACK: std::cell::RefCell<Option<crate::sys::clone3::Stack>> =
@@ -46,7 +71,7 @@ pub fn bare_spawn_wait(path: &std::ffi::CStr) -> std::io::Result<i32> {
             *slot = Some(crate::sys::clone3::Stack::new(64 * 1024)?);
         }
         let stack = slot.as_mut().expect("stack just created");
-        crate::sys::clone3::clone3_bare_exec(stack, path, &argv, &envp)
+        crate::sys::clone3::clone3_baseline_exec(stack, flags, cgroup, path, &argv, &envp)
     })?;
     let st = rustix::process::waitid(
         rustix::process::WaitId::PidFd(std::os::fd::AsFd::as_fd(&pidfd)),

@@ -135,19 +135,27 @@ fn bare_exec(ctx: &BareExec<'_>) -> i32 {
     127
 }
 
-/// The benchmark baseline: `clone3(CLONE_VM | CLONE_VFORK | CLONE_PIDFD)` + `execve`, with no
-/// namespaces, cgroup or setup at all. Returns the pidfd.
-pub(crate) fn clone3_bare_exec(
+/// The benchmark baselines: `clone3(CLONE_VM | CLONE_VFORK | CLONE_PIDFD | extra_flags)` +
+/// `execve` and no setup at all in the child, born in `cgroup` when given (`CLONE_INTO_CGROUP`).
+/// With `extra_flags = 0` and no cgroup this is a bare spawn; with the namespace flags and a
+/// cgroup it is the "namespaces + cgroup" floor of the spawn benchmark. Returns the pidfd.
+pub(crate) fn clone3_baseline_exec(
     stack: &mut Stack,
+    extra_flags: u64,
+    cgroup: Option<std::os::fd::BorrowedFd<'_>>,
     path: &std::ffi::CStr,
     argv: &super::misc::CStringArray,
     envp: &super::misc::CStringArray,
 ) -> io::Result<OwnedFd> {
     let mut args = CloneArgs {
-        flags: CLONE_VM | CLONE_VFORK | CLONE_PIDFD,
+        flags: CLONE_VM | CLONE_VFORK | CLONE_PIDFD | extra_flags,
         exit_signal: libc::SIGCHLD as u64,
         ..CloneArgs::default()
     };
+    if let Some(fd) = cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = std::os::fd::AsRawFd::as_raw_fd(&fd) as u64;
+    }
     let ctx = BareExec { path, argv, envp };
     let mask = super::signal::block_all()?;
     // `bare_exec` only calls execve on data prepared before the clone (async-signal-safe).
