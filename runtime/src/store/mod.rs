@@ -131,6 +131,21 @@ pub enum StoreError {
         /// The file.
         path: PathBuf,
     },
+    /// Another live writer (in this or another process) holds the log.
+    #[error("log {path} is held by another writer")]
+    Locked {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The writer's lock on a log could not be taken.
+    #[error("failed to lock {path}")]
+    Lock {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
     /// A record could not be encoded or decoded.
     #[error("failed to parse record {path}")]
     Record {

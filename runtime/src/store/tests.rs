@@ -187,3 +187,33 @@ fn state_dir_resolution_prefers_the_flag() {
     let s = StateDir::resolve(Some("/x".into()));
     assert_eq!(s.root(), Path::new("/x"));
 }
+
+#[test]
+fn a_log_has_one_writer_until_it_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let mut w = LogWriter::create(&path).unwrap();
+    w.append(Stream::Stdout, b"one").unwrap();
+    assert!(
+        matches!(LogWriter::open(&path), Err(StoreError::Locked { .. })),
+        "a second writer while the first lives"
+    );
+    // Readers take no lock.
+    assert_eq!(
+        LogReader::open(&path)
+            .unwrap()
+            .try_next()
+            .unwrap()
+            .unwrap()
+            .data,
+        b"one"
+    );
+    drop(w);
+    let (w2, rec) = LogWriter::open(&path).unwrap();
+    assert_eq!(rec.next_seq, 2);
+    assert!(matches!(
+        LogWriter::open(&path),
+        Err(StoreError::Locked { .. })
+    ));
+    drop(w2);
+}

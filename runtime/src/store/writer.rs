@@ -33,6 +33,11 @@ pub struct Recovery {
 }
 
 /// The single writer of one job's log.
+///
+/// It holds an exclusive `flock` on the log for as long as it lives (the lock belongs to the
+/// open file, so the kernel drops it when the writer is dropped or its process dies). That makes
+/// "one writer per log" hold across processes too: during a hand-off the log itself says which
+/// process owns the job (see `capture::handoff`).
 #[derive(Debug)]
 pub struct LogWriter {
     path: PathBuf,
@@ -47,7 +52,7 @@ pub struct LogWriter {
 }
 
 impl LogWriter {
-    /// Creates a new, empty log at `path` (which must not exist).
+    /// Creates a new, empty log at `path` (which must not exist) and locks it.
     pub fn create(path: &Path) -> Result<Self, StoreError> {
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -59,9 +64,11 @@ impl LogWriter {
                 path: path.to_owned(),
                 source,
             })?;
+        let file = OwnedFd::from(file);
+        lock(path, &file)?;
         let mut w = LogWriter {
             path: path.to_owned(),
-            file: Arc::new(OwnedFd::from(file)),
+            file: Arc::new(file),
             offset: 0,
             next_seq: 1,
             reserved_end: 0,
@@ -77,7 +84,8 @@ impl LogWriter {
 
     /// Opens an existing log to append to it (after a crash, or when another process hands the
     /// job over): checks every chunk, cuts off a torn or corrupt tail and continues the
-    /// sequence after the last valid chunk. A complete log (end chunk present) is refused.
+    /// sequence after the last valid chunk. A complete log (end chunk present) is refused, and
+    /// so is a log another live writer holds ([`StoreError::Locked`]).
     pub fn open(path: &Path) -> Result<(Self, Recovery), StoreError> {
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -88,6 +96,8 @@ impl LogWriter {
                 source,
             })?;
         let file = OwnedFd::from(file);
+        // Before looking at the tail: a live writer may be extending it.
+        lock(path, &file)?;
         let file_len = rustix::fs::fstat(&file)
             .map_err(|e| StoreError::Read {
                 path: path.to_owned(),
@@ -352,5 +362,26 @@ impl LogWriter {
     /// Writes a marker synchronously (the engine's markers are rare and small).
     pub(crate) fn write_marker(&mut self, marker: &Marker) -> Result<u64, StoreError> {
         self.append_marker(marker)
+    }
+}
+
+/// Takes the writer's exclusive lock on a log, without waiting: a log has one writer.
+fn lock(path: &Path, file: &OwnedFd) -> Result<(), StoreError> {
+    loop {
+        match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(StoreError::Locked {
+                    path: path.to_owned(),
+                });
+            }
+            Err(e) => {
+                return Err(StoreError::Lock {
+                    path: path.to_owned(),
+                    source: e.into(),
+                });
+            }
+        }
     }
 }
