@@ -6,8 +6,8 @@
 //! stored, what was not stays in the pipe), then [`hand_over`] sends one message over a
 //! connected unix stream socket carrying the pipes' read ends (and the job's pidfd) and waits
 //! for the answer. The receiver takes it with [`receive`] and [`Incoming::attach`]: it reopens
-//! the log with [`LogWriter::open`] (which takes the log's writer lock and cuts a torn tail),
-//! checks that the log ends where the message says, adds the pipes to its own engine (numbering
+//! the log with [`LogWriter::reopen_at`] (which takes the log's writer lock, checks that the log
+//! ends where the message says and cuts a torn tail), adds the pipes to its own engine (numbering
 //! continues), and only then acknowledges.
 //!
 //! Who owns the job is decided by the log's writer lock (`flock`, see [`LogWriter`]), not by the
@@ -33,7 +33,7 @@ use rustix::net::{
 
 use super::{Capture, CaptureError, CaptureHandle, Detached};
 use crate::job::JobId;
-use crate::store::{LogWriter, Recovery, StateDir, StoreError};
+use crate::store::{LogEnd, LogWriter, Recovery, StateDir, StoreError};
 
 /// First bytes of every message.
 pub const MAGIC: [u8; 8] = *b"JOBLETHO";
@@ -99,6 +99,8 @@ pub struct Offer {
     pub next_seq: u64,
     /// Length of the log's complete chunks: where the next chunk goes.
     pub log_len: u64,
+    /// Offset of the log's last chunk (`null` when it has none): the receiver checks that chunk.
+    pub last_chunk: Option<u64>,
 }
 
 /// The body of an acknowledgement.
@@ -193,7 +195,8 @@ pub enum HandoffError {
         /// The job's log in the receiver's state dir.
         expected: PathBuf,
     },
-    /// The log could not be reopened (or retaken by the sender).
+    /// The log could not be reopened (or retaken by the sender), or it does not end where the
+    /// offer says ([`StoreError::NotAt`]).
     #[error("failed to reopen the log of job {job}")]
     Reopen {
         /// The job.
@@ -201,24 +204,6 @@ pub enum HandoffError {
         /// The cause.
         #[source]
         source: StoreError,
-    },
-    /// The reopened log does not end where the offer says.
-    #[error(
-        "the log {path} of job {job} ends at sequence {found_seq} (offset {found_len}), the offer says {want_seq} (offset {want_len})"
-    )]
-    LogMismatch {
-        /// The job.
-        job: JobId,
-        /// The log.
-        path: PathBuf,
-        /// The offer's next sequence number.
-        want_seq: u64,
-        /// The log's.
-        found_seq: u64,
-        /// The offer's log length.
-        want_len: u64,
-        /// The log's, after any torn tail was cut.
-        found_len: u64,
     },
     /// The receiver's engine did not take the job.
     #[error("failed to add job {job} to the capture engine")]
@@ -453,6 +438,7 @@ pub fn send(
         log_path: detached.log_path.clone(),
         next_seq: detached.next_seq,
         log_len: detached.log_len,
+        last_chunk: detached.last_chunk,
     };
     send_json(socket, Kind::Offer, &offer.job, &offer, &fds)
 }
@@ -594,9 +580,11 @@ fn reclaim(
     reason: HandoffError,
 ) -> Result<HandOver, HandoffError> {
     match LogWriter::open(&detached.log_path) {
-        Ok((log, rec)) => {
-            detached.next_seq = rec.next_seq;
-            detached.log_len = rec.valid_len;
+        Ok((log, _)) => {
+            let end = log.end();
+            detached.next_seq = end.next_seq;
+            detached.log_len = end.len;
+            detached.last_chunk = end.last_chunk;
             Ok(HandOver::Kept(Box::new(Kept {
                 detached,
                 pidfd,
@@ -625,6 +613,8 @@ pub struct Incoming {
     pub next_seq: u64,
     /// Where the next chunk goes.
     pub log_len: u64,
+    /// Where the last chunk starts (`None` if the log has none).
+    pub last_chunk: Option<u64>,
     /// The stdout read end, if the stream had not ended.
     pub stdout: Option<OwnedFd>,
     /// The stderr read end, if the stream had not ended.
@@ -663,6 +653,7 @@ pub fn receive(socket: BorrowedFd<'_>) -> Result<Option<Incoming>, HandoffError>
         log_path: offer.log_path,
         next_seq: offer.next_seq,
         log_len: offer.log_len,
+        last_chunk: offer.last_chunk,
         stdout: None,
         stderr: None,
         pidfd: None,
@@ -695,8 +686,8 @@ pub struct Attached {
 
 impl Incoming {
     /// Takes the job over: reopens its log (which must be the job's log in `state`) with
-    /// [`LogWriter::open`] (taking its writer lock, cutting a torn tail), checks that it ends at
-    /// the offered sequence number and offset, adds the pipes to `capture` (numbering continues)
+    /// [`LogWriter::reopen_at`] (taking its writer lock, checking that its last chunk is the
+    /// offered one and nothing follows, cutting a torn tail), adds the pipes to `capture` (numbering continues)
     /// and acknowledges on `socket`. On failure it sends a refusal, closes its fds and returns
     /// the error: the sender still has its copies and goes on capturing.
     pub fn attach(
@@ -740,21 +731,16 @@ impl Incoming {
                 expected,
             });
         }
+        let end = LogEnd {
+            len: self.log_len,
+            next_seq: self.next_seq,
+            last_chunk: self.last_chunk,
+        };
         let (log, recovery) =
-            LogWriter::open(&self.log_path).map_err(|source| HandoffError::Reopen {
+            LogWriter::reopen_at(&self.log_path, end).map_err(|source| HandoffError::Reopen {
                 job: self.job.clone(),
                 source,
             })?;
-        if recovery.next_seq != self.next_seq || recovery.valid_len != self.log_len {
-            return Err(HandoffError::LogMismatch {
-                job: self.job,
-                path: self.log_path,
-                want_seq: self.next_seq,
-                found_seq: recovery.next_seq,
-                want_len: self.log_len,
-                found_len: recovery.valid_len,
-            });
-        }
         let handle = capture
             .add(self.job.clone(), self.stdout, self.stderr, log)
             .map_err(|source| HandoffError::Attach {

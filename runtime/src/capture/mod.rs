@@ -135,6 +135,9 @@ pub struct Detached {
     pub next_seq: u64,
     /// Length of the log's complete chunks (file header included): where the next chunk goes.
     pub log_len: u64,
+    /// Offset of the log's last chunk (`None` if it has none), so the next writer can check the
+    /// end with [`LogWriter::reopen_at`] without reading the whole log.
+    pub last_chunk: Option<u64>,
 }
 
 enum Outcome {
@@ -777,11 +780,11 @@ impl Engine {
         if job.phase == Phase::Ending {
             match c.result {
                 Ok(_) if done == total && !self.config.sync_on_end => {
-                    job.log.committed(total as u64, 0);
+                    job.log.committed(total as u64, total as u64, 0);
                     self.finish(slot);
                 }
                 Ok(_) if done == total => {
-                    job.log.committed(total as u64, 0);
+                    job.log.committed(total as u64, total as u64, 0);
                     job.phase = Phase::FinalSync;
                     job.syncing = true;
                     let fd = job.log.fd().clone();
@@ -815,7 +818,10 @@ impl Engine {
             kept_bytes += chunk;
             kept += 1;
         }
-        job.log.committed(kept_bytes as u64, 0);
+        let last_len = in_write[..kept]
+            .last()
+            .map_or(0, |(_, len)| (CHUNK_HEADER_LEN + *len as usize) as u64);
+        job.log.committed(kept_bytes as u64, last_len, 0);
         poke(job);
         for (stream, len) in &in_write[..kept] {
             job.stored[idx(*stream)] += u64::from(*len);
@@ -1089,6 +1095,7 @@ impl Engine {
             log_path: log.path().to_owned(),
             next_seq: log.next_seq(),
             log_len: log.len(),
+            last_chunk: log.end().last_chunk,
         };
         // Nothing of the job is in flight (it is quiet), so this closes the log and releases the
         // writer's lock before the caller learns it may reopen the log, here or elsewhere.

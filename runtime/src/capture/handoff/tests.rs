@@ -49,6 +49,7 @@ fn detached(job: &str, stdout: Option<OwnedFd>, stderr: Option<OwnedFd>) -> Deta
         log_path: format!("/state/jobs/{job}/log").into(),
         next_seq: 42,
         log_len: 4242,
+        last_chunk: Some(4000),
     }
 }
 
@@ -74,7 +75,10 @@ fn an_offer_round_trips_with_its_fds_cloexec() {
     let inc = receive(b.as_fd()).unwrap().expect("an offer");
     assert_eq!(inc.job, d.job);
     assert_eq!(inc.log_path, d.log_path);
-    assert_eq!((inc.next_seq, inc.log_len), (42, 4242));
+    assert_eq!(
+        (inc.next_seq, inc.log_len, inc.last_chunk),
+        (42, 4242, Some(4000))
+    );
     let (out, err, pid) = (
         inc.stdout.expect("stdout"),
         inc.stderr.expect("stderr"),
@@ -128,6 +132,7 @@ fn offer_body(roles: &[FdRole]) -> Vec<u8> {
         log_path: "/state/jobs/j/log".into(),
         next_seq: 1,
         log_len: 16,
+        last_chunk: None,
     })
     .unwrap()
 }
@@ -258,10 +263,11 @@ fn malformed_headers_and_short_messages_are_errors() {
         )
     });
     // Unknown fields, a bad job id.
-    let junk = br#"{"job":"j","fds":[],"log_path":"/x","next_seq":1,"log_len":16,"extra":1}"#;
+    let junk = br#"{"job":"j","fds":[],"log_path":"/x","next_seq":1,"log_len":16,"last_chunk":null,"extra":1}"#;
     let msg = [&encode_header(Kind::Offer, 0, junk.len())[..], junk].concat();
     expect(&msg, &|e| matches!(e, HandoffError::Body(_)));
-    let bad_id = br#"{"job":"../etc","fds":[],"log_path":"/x","next_seq":1,"log_len":16}"#;
+    let bad_id =
+        br#"{"job":"../etc","fds":[],"log_path":"/x","next_seq":1,"log_len":16,"last_chunk":null}"#;
     let msg = [&encode_header(Kind::Offer, 0, bad_id.len())[..], bad_id].concat();
     expect(&msg, &|e| matches!(e, HandoffError::Job { .. }));
     // The good message itself is accepted (so the checks above are not vacuous).
@@ -602,7 +608,7 @@ fn writer_process(control: OwnedFd) {
     loop {
         for _ in 0..4096 {
             writeln!(out, "{i}").unwrap();
-            if i % 1000 == 0 {
+            if i.is_multiple_of(1000) {
                 writeln!(err, "e{i}").unwrap();
             }
             i += 1;
@@ -701,9 +707,11 @@ fn a_job_handed_back_and_forth_between_processes_loses_and_repeats_nothing() {
     let state = StateDir::new(dir.path());
     let id = JobId::parse("xproc").unwrap();
     let mut seed = crate::store::now_ns() | 1;
-    // Seven hand-offs at random moments: A -> B -> A ... -> B, so B (another OS process)
-    // captures until the job ends.
-    let plan: Vec<u64> = (0..7).map(|_| xorshift(&mut seed) % 25).collect();
+    // 41 hand-offs at random moments (0-7 ms of capture each): A -> B -> A ... -> B, so B
+    // (another OS process) captures until the job ends. So many because the interesting case,
+    // a read completing while its job detaches, needs a few dozen tries to show up: with 7
+    // hand-offs, an engine dropping such reads passed; with 41 it fails every run.
+    let plan: Vec<u64> = (0..41).map(|_| xorshift(&mut seed) % 8).collect();
     let plan_s = plan
         .iter()
         .map(u64::to_string)
