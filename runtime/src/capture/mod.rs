@@ -12,7 +12,7 @@
 //!
 //! Jobs can be detached (their in-flight reads are cancelled and what they read is stored first)
 //! and attached to another engine, possibly in another process after the fds traveled over a
-//! unix socket: the log is reopened with [`LogWriter::open`] and numbering continues.
+//! unix socket ([`handoff`]): the log is reopened and numbering continues.
 //!
 //! See `docs/design/capture.md`.
 

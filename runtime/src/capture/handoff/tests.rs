@@ -585,7 +585,7 @@ fn helper_process() {
             let state = StateDir::new(std::env::var(STATE_ENV).unwrap());
             let plan = parse_plan(&std::env::var(PLAN_ENV).unwrap());
             let cap = Capture::start(CaptureConfig::default()).unwrap();
-            let (n, end) = relay(stdin.as_fd(), &cap, &state, Side::B, &plan, None);
+            let (n, _, end) = relay(stdin.as_fd(), &cap, &state, Side::B, &plan, None);
             println!("handoffs={n} final_owner={}", end.is_some());
             if let Some(s) = end {
                 assert!(s.write_error.is_none(), "{:?}", s.write_error);
@@ -647,7 +647,9 @@ fn parse_plan(s: &str) -> Vec<u64> {
 /// The hand-offs, the same code on both sides: hand-off `i` goes from A to B when `i` is even,
 /// back when odd, after the sender let the job run `plan[i]` ms. The owner after the last one
 /// waits for the job to exit (on its pidfd, which traveled with the pipes) and for its capture
-/// to end. Returns how many hand-offs happened and, for the final owner, the capture summary.
+/// to end. Returns how many hand-offs happened, how long each of this side's took (detach to
+/// acknowledgement: the job's capture is paused that long) and, for the final owner, the
+/// capture summary.
 fn relay(
     socket: BorrowedFd<'_>,
     cap: &Capture,
@@ -655,18 +657,20 @@ fn relay(
     me: Side,
     plan: &[u64],
     mut owned: Option<(CaptureHandle, Option<OwnedFd>)>,
-) -> (usize, Option<crate::capture::CaptureSummary>) {
+) -> (usize, Vec<Duration>, Option<crate::capture::CaptureSummary>) {
     let mut done = 0;
+    let mut took = Vec::new();
     for (i, &delay) in plan.iter().enumerate() {
         let sender = if i % 2 == 0 { Side::A } else { Side::B };
         if sender == me {
             let (h, pidfd) = owned.take().expect("the sender owns the job");
             std::thread::sleep(Duration::from_millis(delay));
+            let t0 = Instant::now();
             let d = match h.detach().unwrap() {
                 Ok(d) => d,
                 Err(summary) => {
                     // The job ended first: closing the connection tells the peer.
-                    return (done, Some(summary));
+                    return (done, took, Some(summary));
                 }
             };
             let next = d.next_seq;
@@ -674,9 +678,10 @@ fn relay(
                 HandOver::Accepted { next_seq } => assert_eq!(next_seq, next),
                 other => panic!("{me:?}: hand-off {i} not accepted: {other:?}"),
             }
+            took.push(t0.elapsed());
         } else {
             let Some(inc) = receive(socket).unwrap() else {
-                return (done, None);
+                return (done, took, None);
             };
             assert!(inc.pidfd.is_some(), "the pidfd travels with the job");
             let att = inc.attach(socket, cap, state).unwrap();
@@ -686,7 +691,7 @@ fn relay(
         done += 1;
     }
     let Some((h, pidfd)) = owned else {
-        return (done, None);
+        return (done, took, None);
     };
     // The final owner may not be the job's parent: it learns of the exit from the pidfd.
     let pidfd = pidfd.expect("pidfd");
@@ -695,7 +700,7 @@ fn relay(
         rustix::event::PollFlags::IN,
     )];
     while rustix::event::poll(&mut pfd, None).unwrap() == 0 {}
-    (done, Some(h.wait().unwrap()))
+    (done, took, Some(h.wait().unwrap()))
 }
 
 #[test]
@@ -790,7 +795,7 @@ fn a_job_handed_back_and_forth_between_processes_loses_and_repeats_nothing() {
             (PLAN_ENV, plan_s.clone()),
         ],
     );
-    let (done, end) = relay(
+    let (done, mut took, end) = relay(
         sock_a.as_fd(),
         &cap,
         &state,
@@ -837,5 +842,12 @@ fn a_job_handed_back_and_forth_between_processes_loses_and_repeats_nothing() {
     );
     let (l_out, l_err) = logs_f.join().unwrap();
     assert!(l_out == out && l_err == err, "logs -f saw other output");
-    eprintln!("{lines} lines, {last} chunks, {} hand-offs", plan.len());
+    took.sort();
+    eprintln!(
+        "{lines} lines, {last} chunks, {} hand-offs; A's hand-offs (detach to ack): min {:?}, median {:?}, max {:?}",
+        plan.len(),
+        took[0],
+        took[took.len() / 2],
+        took[took.len() - 1]
+    );
 }
