@@ -504,8 +504,9 @@ pub enum HandOver {
     /// not hold the log): the sender still owns it, with the log reopened and locked.
     /// [`Kept::resume`] adds it back to an engine.
     Kept(Box<Kept>),
-    /// No acknowledgement arrived, but another process holds the log's writer lock: the
-    /// receiver took the job and its answer was lost. The sender's fds are closed.
+    /// No acknowledgement arrived, but another process holds the log's writer lock (or the log
+    /// is already complete): the receiver took the job and its answer was lost. The sender's
+    /// fds are closed.
     TakenOver {
         /// What went wrong with the answer.
         reason: HandoffError,
@@ -592,7 +593,11 @@ fn reclaim(
                 reason,
             })))
         }
-        Err(StoreError::Locked { .. }) => Ok(HandOver::TakenOver { reason }),
+        // Held by another writer, or already complete (the receiver captured the job to its
+        // end and let go): either way the job is not ours any more.
+        Err(StoreError::Locked { .. } | StoreError::Ended { .. }) => {
+            Ok(HandOver::TakenOver { reason })
+        }
         Err(source) => Err(HandoffError::Reopen {
             job: detached.job,
             source,

@@ -533,6 +533,35 @@ fn without_an_answer_the_log_lock_decides_who_owns_the_job() {
     let (out, _, ended, seqs_ok, _) = read_back(&state.log_path(&JobId::parse("noack").unwrap()));
     assert!(ended && seqs_ok);
     assert_lines(&out, 200_000);
+
+    // 3. As 2, but the receiver captures the job to its end (and releases the log) before the
+    // connection drops: the complete log says the job was taken.
+    let (h, writer) = started_job(&cap, &state, "finished", 200_000);
+    std::thread::sleep(Duration::from_millis(5));
+    let d = h.detach().unwrap().unwrap();
+    let (a, b) = socketpair();
+    let st = state.clone();
+    let receiver = std::thread::spawn(move || {
+        let cap_b = Capture::start(CaptureConfig::default()).unwrap();
+        let inc = receive(b.as_fd()).unwrap().unwrap();
+        let (dead, _) = socketpair();
+        let s = inc
+            .attach(dead.as_fd(), &cap_b, &st)
+            .unwrap()
+            .handle
+            .wait()
+            .unwrap();
+        drop(b);
+        s
+    });
+    let out = hand_over(a.as_fd(), d, None, Duration::from_secs(30)).unwrap();
+    assert!(matches!(out, HandOver::TakenOver { .. }), "{out:?}");
+    writer.join().unwrap();
+    assert!(receiver.join().unwrap().write_error.is_none());
+    let (out, _, ended, seqs_ok, _) =
+        read_back(&state.log_path(&JobId::parse("finished").unwrap()));
+    assert!(ended && seqs_ok);
+    assert_lines(&out, 200_000);
 }
 
 // ---- across processes ----
