@@ -12,7 +12,7 @@
 //!
 //! Jobs can be detached (their in-flight reads are cancelled and what they read is stored first)
 //! and attached to another engine, possibly in another process after the fds traveled over a
-//! unix socket: the log is reopened with [`LogWriter::open`] and numbering continues.
+//! unix socket ([`handoff`]): the log is reopened and numbering continues.
 //!
 //! See `docs/design/capture.md`.
 
@@ -119,7 +119,8 @@ pub struct CaptureSummary {
 }
 
 /// A job taken out of an engine with [`CaptureHandle::detach`]: its pipes (whose data up to
-/// now is stored) and where its log continues.
+/// now is stored) and where its log continues. The engine has closed the log (and released
+/// its writer lock); [`handoff::hand_over`] sends all this to another process.
 #[derive(Debug)]
 pub struct Detached {
     /// The job.
@@ -132,6 +133,11 @@ pub struct Detached {
     pub log_path: PathBuf,
     /// The sequence number the next chunk gets.
     pub next_seq: u64,
+    /// Length of the log's complete chunks (file header included): where the next chunk goes.
+    pub log_len: u64,
+    /// Offset of the log's last chunk (`None` if it has none), so the next writer can check the
+    /// end with [`LogWriter::reopen_at`] without reading the whole log.
+    pub last_chunk: Option<u64>,
 }
 
 enum Outcome {
@@ -774,11 +780,11 @@ impl Engine {
         if job.phase == Phase::Ending {
             match c.result {
                 Ok(_) if done == total && !self.config.sync_on_end => {
-                    job.log.committed(total as u64, 0);
+                    job.log.committed(total as u64, total as u64, 0);
                     self.finish(slot);
                 }
                 Ok(_) if done == total => {
-                    job.log.committed(total as u64, 0);
+                    job.log.committed(total as u64, total as u64, 0);
                     job.phase = Phase::FinalSync;
                     job.syncing = true;
                     let fd = job.log.fd().clone();
@@ -812,7 +818,10 @@ impl Engine {
             kept_bytes += chunk;
             kept += 1;
         }
-        job.log.committed(kept_bytes as u64, 0);
+        let last_len = in_write[..kept]
+            .last()
+            .map_or(0, |(_, len)| (CHUNK_HEADER_LEN + *len as usize) as u64);
+        job.log.committed(kept_bytes as u64, last_len, 0);
         poke(job);
         for (stream, len) in &in_write[..kept] {
             job.stored[idx(*stream)] += u64::from(*len);
@@ -1065,26 +1074,38 @@ impl Engine {
     }
 
     fn detach(&mut self, slot: usize) {
-        let mut job = self.jobs[slot].take().expect("live slot");
+        let Job {
+            key,
+            id,
+            pipes,
+            mut log,
+            reply,
+            ..
+        } = self.jobs[slot].take().expect("live slot");
         self.free.push(slot);
-        self.keys.remove(&job.key);
-        job.log.release_reserve();
-        let take = |p: &mut Pipe| {
-            p.fd.take()
-                .map(|fd| Arc::try_unwrap(fd).expect("no operation holds a detached pipe"))
-        };
-        let stdout = take(&mut job.pipes[0]);
-        let stderr = take(&mut job.pipes[1]);
+        self.keys.remove(&key);
+        log.release_reserve();
+        let [stdout, stderr] = pipes.map(|p| {
+            p.fd.map(|fd| Arc::try_unwrap(fd).expect("no operation holds a detached pipe"))
+        });
         let d = Detached {
-            job: job.id.clone(),
+            job: id,
             stdout,
             stderr,
-            log_path: job.log.path().to_owned(),
-            next_seq: job.log.next_seq(),
+            log_path: log.path().to_owned(),
+            next_seq: log.next_seq(),
+            log_len: log.len(),
+            last_chunk: log.end().last_chunk,
         };
-        let _ = job.reply.send(Outcome::Detached(d));
+        // Nothing of the job is in flight (it is quiet), so this closes the log and releases the
+        // writer's lock before the caller learns it may reopen the log, here or elsewhere.
+        debug_assert_eq!(Arc::strong_count(log.fd()), 1);
+        drop(log);
+        let _ = reply.send(Outcome::Detached(d));
     }
 }
+
+pub mod handoff;
 
 #[cfg(test)]
 mod tests;

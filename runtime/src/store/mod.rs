@@ -22,7 +22,7 @@ mod writer;
 pub use format::{Marker, TruncationReason};
 pub use reader::FOLLOW_BACKSTOP;
 pub use reader::{Follower, LogReader};
-pub use writer::{LogWriter, MARKER_RESERVE, Recovery};
+pub use writer::{LogEnd, LogWriter, MARKER_RESERVE, Recovery};
 
 /// The default state dir.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/joblet";
@@ -130,6 +130,33 @@ pub enum StoreError {
     Ended {
         /// The file.
         path: PathBuf,
+    },
+    /// A log does not end where a hand-off said it does.
+    #[error("log {path} does not end at offset {offset} before sequence {seq}: {reason}")]
+    NotAt {
+        /// The file.
+        path: PathBuf,
+        /// Where the log was said to end.
+        offset: u64,
+        /// The sequence number its next chunk was said to get.
+        seq: u64,
+        /// What was found instead.
+        reason: String,
+    },
+    /// Another live writer (in this or another process) holds the log.
+    #[error("log {path} is held by another writer")]
+    Locked {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The writer's lock on a log could not be taken.
+    #[error("failed to lock {path}")]
+    Lock {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
     },
     /// A record could not be encoded or decoded.
     #[error("failed to parse record {path}")]

@@ -54,6 +54,13 @@ impl LogReader {
         &self.path
     }
 
+    /// Moves the cursor to the chunk at `offset`, which must have sequence number `next_seq`
+    /// (the next read checks that it does).
+    pub(crate) fn seek(&mut self, offset: u64, next_seq: u64) {
+        self.offset = offset;
+        self.next_seq = next_seq;
+    }
+
     /// The cursor: the offset of the next chunk and the sequence number it will have.
     pub fn position(&self) -> (u64, u64) {
         (self.offset.max(FILE_HEADER_LEN), self.next_seq)

@@ -187,3 +187,101 @@ fn state_dir_resolution_prefers_the_flag() {
     let s = StateDir::resolve(Some("/x".into()));
     assert_eq!(s.root(), Path::new("/x"));
 }
+
+#[test]
+fn a_log_has_one_writer_until_it_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let mut w = LogWriter::create(&path).unwrap();
+    w.append(Stream::Stdout, b"one").unwrap();
+    assert!(
+        matches!(LogWriter::open(&path), Err(StoreError::Locked { .. })),
+        "a second writer while the first lives"
+    );
+    // Readers take no lock.
+    assert_eq!(
+        LogReader::open(&path)
+            .unwrap()
+            .try_next()
+            .unwrap()
+            .unwrap()
+            .data,
+        b"one"
+    );
+    drop(w);
+    let (w2, rec) = LogWriter::open(&path).unwrap();
+    assert_eq!(rec.next_seq, 2);
+    assert!(matches!(
+        LogWriter::open(&path),
+        Err(StoreError::Locked { .. })
+    ));
+    drop(w2);
+}
+
+#[test]
+fn reopen_at_checks_the_last_chunk_and_cuts_only_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let w = LogWriter::create(&path).unwrap();
+    let empty = w.end();
+    assert_eq!((empty.next_seq, empty.last_chunk), (1, None));
+    drop(w);
+    // An empty log reopens from its end.
+    let (mut w, rec) = LogWriter::reopen_at(&path, empty).unwrap();
+    assert_eq!((rec.chunks, rec.torn_bytes), (0, 0));
+    w.append(Stream::Stdout, b"one").unwrap();
+    w.append(Stream::Stderr, b"two").unwrap();
+    let end = w.end();
+    assert_eq!(end.next_seq, 3);
+    assert_eq!(end.last_chunk, Some(end.len - 32 - 3));
+    // Held by a live writer.
+    assert!(matches!(
+        LogWriter::reopen_at(&path, end),
+        Err(StoreError::Locked { .. })
+    ));
+    drop(w);
+
+    let not_at = |e: LogEnd| {
+        let r = LogWriter::reopen_at(&path, e);
+        assert!(
+            matches!(r, Err(StoreError::NotAt { .. })),
+            "{e:?} accepted: {r:?}"
+        );
+    };
+    not_at(LogEnd { next_seq: 4, ..end });
+    not_at(LogEnd {
+        len: end.len - 1,
+        ..end
+    });
+    not_at(LogEnd {
+        last_chunk: Some(end.last_chunk.unwrap() - 1),
+        ..end
+    });
+    not_at(LogEnd {
+        last_chunk: None,
+        ..end
+    });
+    not_at(LogEnd {
+        len: end.len + 1,
+        ..end
+    });
+    // A torn chunk after the end is cut.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    f.write_all(&[9u8; 40]).unwrap();
+    drop(f);
+    let (mut w, rec) = LogWriter::reopen_at(&path, end).unwrap();
+    assert_eq!((rec.chunks, rec.next_seq, rec.torn_bytes), (2, 3, 40));
+    assert_eq!(w.append(Stream::Stdout, b"three").unwrap(), 3);
+    let later = w.end();
+    drop(w);
+    // A complete chunk after the end: someone wrote after the end was taken.
+    not_at(end);
+    let (w, _) = LogWriter::reopen_at(&path, later).unwrap();
+    w.finish().unwrap();
+    let chunks = data_chunks(&path);
+    let datas: Vec<&[u8]> = chunks.iter().map(|c| c.data.as_slice()).collect();
+    assert_eq!(datas, vec![&b"one"[..], b"two", b"three", b""]);
+}

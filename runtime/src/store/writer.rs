@@ -32,13 +32,31 @@ pub struct Recovery {
     pub torn_bytes: u64,
 }
 
+/// Where a log ends, as its writer knows it: what a hand-off tells the next writer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LogEnd {
+    /// Length of the complete chunks, file header included: where the next chunk goes.
+    pub len: u64,
+    /// The sequence number the next chunk gets.
+    pub next_seq: u64,
+    /// Offset of the last chunk (`None` while the log has none).
+    pub last_chunk: Option<u64>,
+}
+
 /// The single writer of one job's log.
+///
+/// It holds an exclusive `flock` on the log for as long as it lives (the lock belongs to the
+/// open file, so the kernel drops it when the writer is dropped or its process dies). That makes
+/// "one writer per log" hold across processes too: during a hand-off the log itself says which
+/// process owns the job (see `capture::handoff`).
 #[derive(Debug)]
 pub struct LogWriter {
     path: PathBuf,
     file: Arc<OwnedFd>,
     /// End of the last complete chunk: where the next one goes.
     offset: u64,
+    /// Start of the last complete chunk (0: none yet).
+    last_chunk: u64,
     next_seq: u64,
     /// End of the space reserved with fallocate (past `offset`).
     reserved_end: u64,
@@ -47,7 +65,7 @@ pub struct LogWriter {
 }
 
 impl LogWriter {
-    /// Creates a new, empty log at `path` (which must not exist).
+    /// Creates a new, empty log at `path` (which must not exist) and locks it.
     pub fn create(path: &Path) -> Result<Self, StoreError> {
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -59,10 +77,13 @@ impl LogWriter {
                 path: path.to_owned(),
                 source,
             })?;
+        let file = OwnedFd::from(file);
+        lock(path, &file)?;
         let mut w = LogWriter {
             path: path.to_owned(),
-            file: Arc::new(OwnedFd::from(file)),
+            file: Arc::new(file),
             offset: 0,
+            last_chunk: 0,
             next_seq: 1,
             reserved_end: 0,
             reserve_supported: true,
@@ -77,7 +98,8 @@ impl LogWriter {
 
     /// Opens an existing log to append to it (after a crash, or when another process hands the
     /// job over): checks every chunk, cuts off a torn or corrupt tail and continues the
-    /// sequence after the last valid chunk. A complete log (end chunk present) is refused.
+    /// sequence after the last valid chunk. A complete log (end chunk present) is refused, and
+    /// so is a log another live writer holds ([`StoreError::Locked`]).
     pub fn open(path: &Path) -> Result<(Self, Recovery), StoreError> {
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -88,6 +110,8 @@ impl LogWriter {
                 source,
             })?;
         let file = OwnedFd::from(file);
+        // Before looking at the tail: a live writer may be extending it.
+        lock(path, &file)?;
         let file_len = rustix::fs::fstat(&file)
             .map_err(|e| StoreError::Read {
                 path: path.to_owned(),
@@ -103,10 +127,13 @@ impl LogWriter {
         )?;
         let mut chunks = 0;
         let mut ended = false;
+        let mut last_chunk = 0;
         loop {
+            let at = reader.position().0;
             match reader.try_next() {
                 Ok(Some(chunk)) => {
                     chunks += 1;
+                    last_chunk = at;
                     if matches!(chunk.kind, super::ChunkKind::End) {
                         ended = true;
                         break;
@@ -133,6 +160,7 @@ impl LogWriter {
             path: path.to_owned(),
             file: Arc::new(file),
             offset: valid_len,
+            last_chunk,
             next_seq,
             reserved_end: valid_len,
             reserve_supported: true,
@@ -149,6 +177,118 @@ impl LogWriter {
                 torn_bytes: file_len.saturating_sub(valid_len),
             },
         ))
+    }
+
+    /// Reopens a log whose end is known, to continue it in another process after a hand-off:
+    /// the fast, checked form of [`LogWriter::open`] that reads only the last chunk instead of
+    /// the whole log. It takes the writer lock, checks that the chunk at `end.last_chunk` is
+    /// complete, valid (CRC) and numbered `end.next_seq - 1` and that it ends at `end.len`, and
+    /// that no complete chunk follows (a chunk there means someone wrote after `end` was taken:
+    /// [`StoreError::NotAt`]). A torn tail after `end.len` is cut like recovery does. The prefix
+    /// before the last chunk is trusted: its writer held the lock and vouched for `end`.
+    pub fn reopen_at(path: &Path, end: LogEnd) -> Result<(Self, Recovery), StoreError> {
+        let not_at = |reason: String| StoreError::NotAt {
+            path: path.to_owned(),
+            offset: end.len,
+            seq: end.next_seq,
+            reason,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|source| StoreError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        let file = OwnedFd::from(file);
+        lock(path, &file)?;
+        let file_len = rustix::fs::fstat(&file)
+            .map_err(|e| StoreError::Read {
+                path: path.to_owned(),
+                source: e.into(),
+            })?
+            .st_size as u64;
+        if file_len < end.len || end.len < FILE_HEADER_LEN || end.next_seq == 0 {
+            return Err(not_at(format!("the file is {file_len} bytes long")));
+        }
+        let mut reader = super::reader::LogReader::from_fd(
+            path,
+            file.try_clone().map_err(|source| StoreError::Open {
+                path: path.to_owned(),
+                source,
+            })?,
+        )?;
+        match end.last_chunk {
+            None if end.len == FILE_HEADER_LEN && end.next_seq == 1 => {}
+            None => return Err(not_at("no last chunk given for a non-empty log".into())),
+            Some(at) => {
+                reader.seek(at, end.next_seq - 1);
+                match reader.try_next() {
+                    Ok(Some(c)) if c.kind == super::ChunkKind::End => {
+                        return Err(StoreError::Ended {
+                            path: path.to_owned(),
+                        });
+                    }
+                    Ok(Some(_)) if reader.position() == (end.len, end.next_seq) => {}
+                    Ok(Some(_)) => {
+                        return Err(not_at(format!(
+                            "the last chunk ends at offset {}",
+                            reader.position().0
+                        )));
+                    }
+                    Ok(None) => return Err(not_at("the last chunk is incomplete".into())),
+                    Err(StoreError::Corrupt { reason, .. }) => {
+                        return Err(not_at(format!("the last chunk is invalid: {reason}")));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        reader.seek(end.len, end.next_seq);
+        match reader.try_next() {
+            // Incomplete or invalid: a torn tail, cut below.
+            Ok(None) | Err(StoreError::Corrupt { .. }) => {}
+            Ok(Some(c)) => {
+                return Err(not_at(format!("chunk {} follows", c.seq)));
+            }
+            Err(e) => return Err(e),
+        }
+        if file_len > end.len {
+            rustix::fs::ftruncate(&file, end.len).map_err(|e| StoreError::Write {
+                path: path.to_owned(),
+                source: e.into(),
+            })?;
+        }
+        let mut w = LogWriter {
+            path: path.to_owned(),
+            file: Arc::new(file),
+            offset: end.len,
+            last_chunk: end.last_chunk.unwrap_or(0),
+            next_seq: end.next_seq,
+            reserved_end: end.len,
+            reserve_supported: true,
+        };
+        w.release_reserve();
+        let _ = w.make_room(0);
+        Ok((
+            w,
+            Recovery {
+                chunks: end.next_seq - 1,
+                next_seq: end.next_seq,
+                valid_len: end.len,
+                torn_bytes: file_len - end.len,
+            },
+        ))
+    }
+
+    /// Where the log ends: what [`LogWriter::reopen_at`] checks in the next writer.
+    pub fn end(&self) -> LogEnd {
+        LogEnd {
+            len: self.offset,
+            next_seq: self.next_seq,
+            last_chunk: (self.last_chunk > 0).then_some(self.last_chunk),
+        }
     }
 
     /// The log's path.
@@ -222,7 +362,8 @@ impl LogWriter {
             self.reserved_end = self.offset;
             return Err(e);
         }
-        self.committed((CHUNK_HEADER_LEN + payload.len()) as u64, 1);
+        let len = (CHUNK_HEADER_LEN + payload.len()) as u64;
+        self.committed(len, len, 1);
         Ok(seq)
     }
 
@@ -277,10 +418,13 @@ impl LogWriter {
         self.next_seq -= n;
     }
 
-    /// Records that `bytes` of complete chunks were written at the old offset. `chunks` of
-    /// them were numbered by [`append_chunk`](Self::append_chunk) here rather than with
-    /// [`take_seq`](Self::take_seq).
-    pub(crate) fn committed(&mut self, bytes: u64, chunks_numbered_here: u64) {
+    /// Records that `bytes` of complete chunks were written at the old offset, the last of them
+    /// `last_len` bytes long. `chunks_numbered_here` of them were numbered by
+    /// [`append_chunk`](Self::append_chunk) here rather than with [`take_seq`](Self::take_seq).
+    pub(crate) fn committed(&mut self, bytes: u64, last_len: u64, chunks_numbered_here: u64) {
+        if bytes > 0 {
+            self.last_chunk = self.offset + bytes - last_len;
+        }
         self.offset += bytes;
         self.next_seq += chunks_numbered_here;
     }
@@ -352,5 +496,26 @@ impl LogWriter {
     /// Writes a marker synchronously (the engine's markers are rare and small).
     pub(crate) fn write_marker(&mut self, marker: &Marker) -> Result<u64, StoreError> {
         self.append_marker(marker)
+    }
+}
+
+/// Takes the writer's exclusive lock on a log, without waiting: a log has one writer.
+fn lock(path: &Path, file: &OwnedFd) -> Result<(), StoreError> {
+    loop {
+        match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(StoreError::Locked {
+                    path: path.to_owned(),
+                });
+            }
+            Err(e) => {
+                return Err(StoreError::Lock {
+                    path: path.to_owned(),
+                    source: e.into(),
+                });
+            }
+        }
     }
 }
