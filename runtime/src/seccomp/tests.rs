@@ -370,6 +370,48 @@ fn verdict(prog: &[sock_filter], arch: u32, nr: u32, args: [u64; 6]) -> u32 {
 
 /// Runs the compiled program, with the interpreter above, on every syscall number and on the
 /// arguments each conditional entry looks at, against the verdicts the denylist table states.
+/// The peephole pass changes no verdict: the program before and after it, run by the
+/// interpreter on every syscall number with argument 0 set to each value a rule looks at (and
+/// neighbours), in the native and a foreign ABI.
+#[test]
+fn threaded_program_gives_the_same_verdicts() {
+    let buckets = buckets(GROUPS).expect("buckets");
+    let before = assemble_unthreaded(&buckets).expect("assemble");
+    let after = assemble(&buckets).expect("assemble");
+    assert!(
+        after.len() * 3 < before.len() * 2,
+        "the pass should drop at least a third of {} instructions, left {}",
+        before.len(),
+        after.len()
+    );
+    let mut values: Vec<u64> = vec![0, 1, 40, 41, u64::from(u32::MAX), 1 << 32, u64::MAX];
+    for d in GROUPS.iter().flat_map(|g| g.calls) {
+        match d.when {
+            When::Always => {}
+            When::AnyBitSet { bits, .. } => values.extend(bits.iter().map(|&b| u64::from(b))),
+            When::Equals { value, .. } => values.push(u64::from(value)),
+            When::NoneOf { allowed, .. } => values.extend(allowed.iter().map(|&v| u64::from(v))),
+        }
+    }
+    let more: Vec<u64> = values
+        .iter()
+        .flat_map(|&v| [v | 1, v ^ 0x0002_0000, v << 32])
+        .collect();
+    values.extend(more);
+    for arch in [AUDIT_ARCH_NATIVE, 0x4000_0003] {
+        for nr in (0..1024_u32).chain([u32::MAX, 0x4000_0027, 0x4000_00a5]) {
+            for &v in &values {
+                let args = [v, 0, 0, 0, 0, 0];
+                assert_eq!(
+                    verdict(&before, arch, nr, args),
+                    verdict(&after, arch, nr, args),
+                    "arch {arch:#x} syscall {nr} arg0 {v:#x}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn program_gives_the_table_verdicts() {
     let prog = default_filter().expect("default filter");
