@@ -276,7 +276,9 @@ impl FloorCgroup {
             .expect("create the baseline's cgroup");
         let fd = rustix::fs::open(
             cgroup.path(),
-            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::empty(),
         )
         .expect("open the baseline's cgroup");
