@@ -71,9 +71,10 @@ pub fn duration(s: &str) -> Result<Duration, ParseError> {
         "ns" => value / 1e9,
         "m" | "min" => value * 60.0,
         "h" => value * 3600.0,
+        "d" => value * 86400.0,
         _ => {
             return err(format!(
-                "invalid duration {s:?}: unknown unit {unit:?} (use ms, s, m or h)"
+                "invalid duration {s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
             ));
         }
     };

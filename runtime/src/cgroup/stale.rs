@@ -159,10 +159,8 @@ impl Parents {
                     continue;
                 };
                 if self.procs(name)?.contains(&pid) {
-                    let _ = rustix::process::pidfd_send_signal(
-                        &pidfd,
-                        rustix::process::Signal::KILL,
-                    );
+                    let _ =
+                        rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
                 }
             }
             std::thread::sleep(Duration::from_millis(1));

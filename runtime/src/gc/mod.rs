@@ -244,7 +244,9 @@ fn recover(
     let record = state.read_record(id).ok();
     if let Some(r) = &record
         && r.state == JobState::Running
-        && r.runtime.supervisor.is_some_and(|s| s != sup && s.is_alive())
+        && r.runtime
+            .supervisor
+            .is_some_and(|s| s != sup && s.is_alive())
     {
         return None;
     }
@@ -266,7 +268,9 @@ fn recover(
         },
         None => errors.push("its record names a cgroup joblet does not manage: left alone".into()),
     }
-    let still_running = record.as_ref().is_some_and(|r| r.state == JobState::Running);
+    let still_running = record
+        .as_ref()
+        .is_some_and(|r| r.state == JobState::Running);
     // Killed before it created the job's directory: there is no log to end.
     let output = if (still_running || record.is_none()) && state.log_path(id).exists() {
         match end_log(&state.log_path(id)) {

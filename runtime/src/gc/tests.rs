@@ -15,7 +15,13 @@ fn dead_supervisor() -> Supervisor {
         .spawn()
         .expect("spawn sleep");
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
-    let start_ticks = stat.rsplit_once(')').unwrap().1.split_whitespace().nth(19).unwrap();
+    let start_ticks = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .nth(19)
+        .unwrap();
     let sup = Supervisor {
         pid: child.id(),
         start_ticks: start_ticks.parse().unwrap(),
@@ -257,7 +263,13 @@ fn a_record_naming_a_foreign_cgroup_is_recovered_without_touching_it() {
     fx.state.write_record(&r).unwrap();
     fx.make_cgroup("not-joblets");
     let recovered = recover_index(&fx.state, &fx.parents).unwrap();
-    assert!(recovered[0].error.as_deref().unwrap().contains("left alone"));
+    assert!(
+        recovered[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("left alone")
+    );
     assert!(fx.has_cgroup("not-joblets"));
     assert_eq!(fx.state.read_record(&id).unwrap().state, JobState::Failed);
 }

@@ -182,7 +182,15 @@ mod tests {
         };
         assert_eq!(e.file_name(), "42-9000000001-ab-c_d");
         assert_eq!(RunningEntry::parse(&e.file_name()), Some(e));
-        for junk in ["", "42", "42-1", "42-1-", "x-1-abc", "42-y-abc", "42-1-../x"] {
+        for junk in [
+            "",
+            "42",
+            "42-1",
+            "42-1-",
+            "x-1-abc",
+            "42-y-abc",
+            "42-1-../x",
+        ] {
             assert_eq!(RunningEntry::parse(junk), None, "{junk:?}");
         }
     }
