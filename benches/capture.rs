@@ -138,6 +138,10 @@ fn joblet_config(variant: &str) -> CaptureConfig {
         config.buffers = 8;
         config.buffer_size = 1 << 20;
     }
+    if variant.contains("512 KiB bufs") {
+        config.buffers = 16;
+        config.buffer_size = 512 << 10;
+    }
     config
 }
 
@@ -166,14 +170,44 @@ fn joblet(dir: &Path, pipes: Vec<OwnedFd>, config: CaptureConfig) {
     }
 }
 
-/// Lets the filesystem finish what the last variant left it, outside the timed part: its files
-/// were deleted, and on ext4 mounted with `discard` (as here) freeing blocks that were allocated
-/// (the engine's fallocate reserve, synced data) issues discards at the next journal commit,
-/// which otherwise land in the next variant's time (seen as tokio at 0.3-2.0 GB/s interleaved
-/// against a steady 2.7 GB/s alone).
+/// Lets the filesystem finish what the last variant left it, outside the timed part. Its files
+/// are deleted; on ext4 mounted with `discard` (as `/` here) freeing blocks that were allocated
+/// (the engine's fallocate reserve, synced data; the baselines' never-written delalloc pages
+/// have none) issues discards after the next journal commit, from a workqueue (Linux 5.19+), so
+/// `syncfs` alone does not wait for them. Unsettled, they landed in the next variant's time:
+/// tokio after the engine ran at 0.3-1.0 GB/s and twice the CPU per GiB, against a steady
+/// 2.7 GB/s alone. So: `syncfs`, then wait until the device has had no discard and no request
+/// in flight for two 100 ms samples (at most 60 s).
 fn settle(base: &Path) {
     if let Ok(dir) = std::fs::File::open(base) {
         let _ = rustix::fs::syncfs(&dir);
+    }
+    let Ok(st) = rustix::fs::stat(base) else {
+        return;
+    };
+    let stat = format!(
+        "/sys/dev/block/{}:{}/stat",
+        rustix::fs::major(st.st_dev),
+        rustix::fs::minor(st.st_dev)
+    );
+    // (in flight, discards completed): fields 9 and 12 of the block stat file.
+    let sample = || -> Option<(u64, u64)> {
+        let text = std::fs::read_to_string(&stat).ok()?;
+        let f: Vec<u64> = text
+            .split_whitespace()
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        Some((*f.get(8)?, *f.get(11)?))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = sample();
+    let mut quiet = 0;
+    while quiet < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = sample();
+        let idle = matches!((last, now), (Some(a), Some(b)) if b.0 == 0 && a.1 == b.1);
+        quiet = if idle || now.is_none() { quiet + 1 } else { 0 };
+        last = now;
     }
 }
 
@@ -212,6 +246,69 @@ fn summary(ratios: &[f64]) -> String {
     )
 }
 
+/// Runs one measurement in a fresh process (this binary, re-executed), so a variant inherits no
+/// thread, ring or allocator state of the one before it, then settles the filesystem.
+fn measure_in_child(variant: &str, jobs: usize, mib_each: usize, base: &Path) -> (f64, f64) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .arg("--bench")
+        .env(CHILD_ENV, format!("{variant}|{jobs}|{mib_each}"))
+        .env("JOBLET_BENCH_DIR", base)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("re-execute the bench");
+    assert!(out.status.success(), "{variant}: measurement failed");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut it = text.split_whitespace().map(|v| v.parse::<f64>().unwrap());
+    let (wall, cpu) = (it.next().unwrap(), it.next().unwrap());
+    settle(base);
+    (wall, cpu)
+}
+
+/// An untimed blocking pass over the same amount of data before every measurement, so each
+/// variant starts from the same page allocator state. In this VM (virtio-balloon with free page
+/// reporting) freed guest pages go back to the host and the next touch of one costs a host
+/// fault: `copy_folio_from_iter_atomic` (the copy into fresh page-cache pages) is 70-80% of all
+/// samples in a cold run, and a run after the engine's was slowed for about two runs (tokio
+/// 0.84-0.94 s per GiB against 0.49-0.54 s before it, in separate processes).
+fn prime(jobs: usize, mib_each: usize, base: &Path) {
+    let dir = tempfile::tempdir_in(base).unwrap();
+    let (children, pipes): (Vec<_>, Vec<_>) = producers(jobs, mib_each).into_iter().unzip();
+    blocking(dir.path(), pipes);
+    for mut c in children {
+        c.wait().unwrap();
+    }
+    drop(dir);
+    settle(base);
+}
+
+/// Set in a re-executed bench process: `variant|jobs|mib_each`, one measurement to run.
+const CHILD_ENV: &str = "JOBLET_BENCH_CHILD";
+
+/// The child side of [`measure_in_child`]: prints `wall cpu` in seconds.
+fn child(spec: &str, base: &Path) {
+    let mut parts = spec.split('|');
+    let variant = parts.next().unwrap();
+    let jobs: usize = parts.next().unwrap().parse().unwrap();
+    let mib_each: usize = parts.next().unwrap().parse().unwrap();
+    let dir = tempfile::tempdir_in(base).unwrap();
+    let (children, pipes): (Vec<_>, Vec<_>) = producers(jobs, mib_each).into_iter().unzip();
+    let cpu0 = cpu_time();
+    let t0 = Instant::now();
+    if variant.starts_with("blocking") {
+        blocking(dir.path(), pipes);
+    } else if variant.starts_with("tokio") {
+        tokio_epoll(dir.path(), pipes);
+    } else {
+        joblet(dir.path(), pipes, joblet_config(variant));
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = (cpu_time() - cpu0).as_secs_f64();
+    for mut c in children {
+        assert!(c.wait().unwrap().success(), "{variant}: dd failed");
+    }
+    println!("{wall} {cpu}");
+}
+
 fn main() {
     let total_mib: usize = std::env::var("JOBLET_BENCH_MIB")
         .ok()
@@ -226,6 +323,9 @@ fn main() {
     let base = std::env::var_os("JOBLET_BENCH_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
+    if let Ok(spec) = std::env::var(CHILD_ENV) {
+        return child(&spec, &base);
+    }
     let rounds: usize = std::env::var("JOBLET_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -251,6 +351,7 @@ fn main() {
     if std::env::var_os("JOBLET_BENCH_EXPERIMENTS").is_some() {
         variants.push("joblet io_uring (toggle inline)");
         variants.push("joblet io_uring (8 x 1 MiB bufs)");
+        variants.push("joblet io_uring (16 x 512 KiB bufs)");
     }
     let only = std::env::var("JOBLET_BENCH_ONLY").ok();
     for (scenario, jobs) in [("1 job", 1usize), ("100 jobs", 100)] {
@@ -262,22 +363,9 @@ fn main() {
         // Rounds interleave the variants so a noisy neighbour hurts them alike; the median
         // round of each is reported.
         let mut results: Vec<Vec<(f64, f64)>> = vec![Vec::new(); variants.len()];
-        // Warm-up, not measured: in a VM, page cache pages the guest never touched before cost a
-        // host-side fault each on first write, which dominates a cold first run (seen here as
-        // 80% of the time in copy_folio_from_iter_atomic at 0.3 GB/s).
-        {
-            let dir = tempfile::tempdir_in(&base).unwrap();
-            let (children, pipes): (Vec<_>, Vec<_>) = producers(jobs, mib_each).into_iter().unzip();
-            blocking(dir.path(), pipes);
-            for mut c in children {
-                c.wait().unwrap();
-            }
-            drop(dir);
-            settle(&base);
-        }
+        // Every measurement runs in its own process after an untimed blocking pass (`prime`).
         for round in 0..rounds {
-            // Rotate the order too: the first variant of a round inherits the previous one's
-            // dirty pages being written back.
+            // Rotate the order too, so no variant always follows the same one.
             for k in 0..variants.len() {
                 let v = (k + round) % variants.len();
                 let variant = variants[v];
@@ -286,24 +374,9 @@ fn main() {
                 {
                     continue;
                 }
-                let dir = tempfile::tempdir_in(&base).unwrap();
-                let prod = producers(jobs, mib_each);
-                let (children, pipes): (Vec<_>, Vec<_>) = prod.into_iter().unzip();
-                let cpu0 = cpu_time();
-                let t0 = Instant::now();
-                match v {
-                    0 => blocking(dir.path(), pipes),
-                    1 => tokio_epoll(dir.path(), pipes),
-                    _ => joblet(dir.path(), pipes, joblet_config(variant)),
-                }
-                let wall = t0.elapsed().as_secs_f64();
-                let cpu = (cpu_time() - cpu0).as_secs_f64();
-                for mut c in children {
-                    assert!(c.wait().unwrap().success(), "{variant}: dd failed");
-                }
+                prime(jobs, mib_each, &base);
+                let (wall, cpu) = measure_in_child(variant, jobs, mib_each, &base);
                 results[v].push((wall, cpu));
-                drop(dir);
-                settle(&base);
             }
         }
         // Ratios are taken per round (same round, adjacent in time) and then summarised, so a
