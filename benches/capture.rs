@@ -134,13 +134,12 @@ fn joblet_config(variant: &str) -> CaptureConfig {
     if variant.contains("inline") {
         config.inline_writes = !config.inline_writes;
     }
-    if variant.contains("1 MiB bufs") {
-        config.buffers = 8;
-        config.buffer_size = 1 << 20;
+    if variant.contains("256 KiB bufs") {
+        config.buffers = 32;
+        config.buffer_size = 256 << 10;
     }
-    if variant.contains("512 KiB bufs") {
+    if variant.contains("16 x 1 MiB bufs") {
         config.buffers = 16;
-        config.buffer_size = 512 << 10;
     }
     config
 }
@@ -350,8 +349,8 @@ fn main() {
     // Alternatives to the engine's defaults, measured in the same rounds.
     if std::env::var_os("JOBLET_BENCH_EXPERIMENTS").is_some() {
         variants.push("joblet io_uring (toggle inline)");
-        variants.push("joblet io_uring (8 x 1 MiB bufs)");
-        variants.push("joblet io_uring (16 x 512 KiB bufs)");
+        variants.push("joblet io_uring (32 x 256 KiB bufs)");
+        variants.push("joblet io_uring (16 x 1 MiB bufs)");
     }
     let only = std::env::var("JOBLET_BENCH_ONLY").ok();
     for (scenario, jobs) in [("1 job", 1usize), ("100 jobs", 100)] {

@@ -152,9 +152,9 @@ fn cmd_run(state: &StateDir, args: &RunArgs) -> anyhow::Result<ExitCode> {
     let pipe = || rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC);
     let (out_r, out_w) = pipe().context("failed to create the stdout pipe")?;
     let (err_r, err_w) = pipe().context("failed to create the stderr pipe")?;
-    // One job: a small buffer pool is plenty, and syncing is opt-in (--sync).
+    // One job: the default pool (8 x 1 MiB, touched only as output arrives) is one job's worth,
+    // and syncing is opt-in (--sync).
     let capture = Capture::start(CaptureConfig {
-        buffers: 8,
         sync_on_end: args.sync,
         ..CaptureConfig::default()
     })?;
