@@ -1,17 +1,21 @@
 //! Capture benchmark: output of `dd` jobs written into their logs by joblet's io_uring engine,
 //! beside two baselines in the same run: a blocking read+write loop per pipe (one thread per
-//! job) and tokio (epoll, one thread). Prints a table: throughput, wall time and the capture
-//! side's CPU time (CPU clock of this process, = getrusage(RUSAGE_SELF): the producers are child processes, io_uring's
-//! kernel workers are threads of this process and count).
+//! job) and tokio (epoll, one thread). Prints a table: throughput (median round and range), the
+//! capture side's CPU time per GiB (CPU clock of the measuring process, = getrusage(RUSAGE_SELF):
+//! the producers are child processes, io_uring's kernel workers are threads of the process and
+//! count) and the throughput relative to the blocking loop and to tokio.
 //!
-//! `cargo bench --bench capture` (1 GiB per scenario and round, 5 rounds; `JOBLET_BENCH_MIB=2048` for the 2 GiB
-//! figure, `JOBLET_BENCH_ROUNDS`, `JOBLET_BENCH_ONLY="1 job"`, `JOBLET_BENCH_VARIANT=<substring>`,
-//! `JOBLET_BENCH_EXPERIMENTS=1` for alternative engine settings in the same rounds).
+//! `cargo bench --bench capture` (1 GiB per scenario and round, 5 rounds; `JOBLET_BENCH_MIB=2048`
+//! for the 2 GiB figure, `JOBLET_BENCH_ROUNDS`, `JOBLET_BENCH_ONLY="1 job"`,
+//! `JOBLET_BENCH_VARIANT=<substring>[,<substring>...]`, `JOBLET_BENCH_EXPERIMENTS=1` for
+//! alternative engine settings in the same rounds).
 //!
-//! The machine is shared and noisy (2 cores, other tenants' builds): each round runs every
-//! variant once, in an order rotated per round; each variant's median round and range are
-//! printed, and its throughput relative to the blocking loop and to tokio is computed per round
-//! (the two ran seconds apart) and summarised as the median ratio and its range.
+//! The machine is a shared, noisy 2-core VM, and each variant disturbed the next one; so:
+//! each round runs every variant once, in an order rotated per round; each measurement runs in
+//! a fresh process (this binary, re-executed), after an untimed blocking pass over the same
+//! amount of data, with the filesystem settled in between (see `prime` and `settle`); the ratio
+//! to each baseline is computed per round (the two ran seconds apart) and summarised as the
+//! median ratio and its range. docs/PERFORMANCE.md ("Capture") says what each step fixed.
 
 use std::io::{Read as _, Write as _};
 use std::os::fd::OwnedFd;
