@@ -127,14 +127,19 @@ pub struct GcReport {
 
 /// Recovers the jobs of the running index whose supervisor is dead; see the module docs. Reads
 /// one small directory and one `/proc/PID/stat` per supervisor when nothing is stale, and takes
-/// the lock only when something is.
+/// the lock only when something is, without waiting for it: when another process holds it,
+/// nothing is done (that process is recovering or collecting).
 pub fn recover_index(state: &StateDir, parents: &Parents) -> Result<Vec<Recovered>, GcError> {
     let entries = state.running_entries().map_err(GcError::ListJobs)?;
     let stale = dead_entries(entries);
     if stale.is_empty() {
         return Ok(Vec::new());
     }
-    let _lock = lock(state)?;
+    // Without waiting: a process holding the lock is recovering or collecting already, and a
+    // `joblet run` must not wait behind a long retention pass.
+    let Some(_lock) = lock(state, false)? else {
+        return Ok(Vec::new());
+    };
     Ok(stale
         .iter()
         // Another process may have recovered it while this one waited for the lock.
@@ -151,7 +156,7 @@ pub fn collect(
     parents: &Parents,
     retention: &Retention,
 ) -> Result<GcReport, GcError> {
-    let _lock = lock(state)?;
+    let _lock = lock(state, true)?;
     let mut report = GcReport::default();
     let entries = state.running_entries().map_err(GcError::ListJobs)?;
     for e in dead_entries(entries) {
@@ -208,8 +213,9 @@ fn dead_entries(entries: Vec<RunningEntry>) -> Vec<RunningEntry> {
         .collect()
 }
 
-/// Takes the state dir's lock (blocking), creating the state dir and lock file if needed.
-fn lock(state: &StateDir) -> Result<OwnedFd, GcError> {
+/// Takes the state dir's lock, creating the state dir and lock file if needed. With `wait`
+/// false, `None` when another process holds it.
+fn lock(state: &StateDir, wait: bool) -> Result<Option<OwnedFd>, GcError> {
     let path = state.root().join(LOCK_FILE);
     let err = |source: io::Error| GcError::Lock {
         path: path.clone(),
@@ -222,10 +228,16 @@ fn lock(state: &StateDir) -> Result<OwnedFd, GcError> {
         rustix::fs::Mode::from_raw_mode(0o600),
     )
     .map_err(|e| err(e.into()))?;
+    let op = if wait {
+        rustix::fs::FlockOperation::LockExclusive
+    } else {
+        rustix::fs::FlockOperation::NonBlockingLockExclusive
+    };
     loop {
-        match rustix::fs::flock(&fd, rustix::fs::FlockOperation::LockExclusive) {
-            Ok(()) => return Ok(fd),
+        match rustix::fs::flock(&fd, op) {
+            Ok(()) => return Ok(Some(fd)),
             Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) if !wait => return Ok(None),
             Err(e) => return Err(err(e.into())),
         }
     }

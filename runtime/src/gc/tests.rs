@@ -392,3 +392,15 @@ fn a_job_directory_of_a_starting_job_is_not_removed() {
     assert!(report.removed.is_empty());
     assert!(fx.state.job_dir(&id).exists());
 }
+
+#[test]
+fn recovery_on_the_run_path_does_not_wait_for_a_held_lock() {
+    let fx = fixture();
+    let id = fx.running_job(dead_supervisor());
+    let held = lock(&fx.state, true).unwrap().expect("blocking lock");
+    // Another process would hold it; a second open file description conflicts the same way.
+    assert!(recover_index(&fx.state, &fx.parents).unwrap().is_empty());
+    assert_eq!(fx.state.read_record(&id).unwrap().state, JobState::Running);
+    drop(held);
+    assert_eq!(recover_index(&fx.state, &fx.parents).unwrap().len(), 1);
+}
