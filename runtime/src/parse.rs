@@ -284,6 +284,7 @@ mod tests {
         assert_eq!(duration("10s").unwrap(), Duration::from_secs(10));
         assert_eq!(duration("2").unwrap(), Duration::from_secs(2));
         assert_eq!(duration("1m").unwrap(), Duration::from_secs(60));
+        assert_eq!(duration("7d").unwrap(), Duration::from_secs(7 * 86400));
         assert!(duration("soon").is_err());
         assert!(duration("5y").is_err());
     }
