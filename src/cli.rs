@@ -80,6 +80,33 @@ pub(crate) enum Command {
         once: bool,
     },
 
+    /// Clean up the state dir: recover jobs whose supervisor died, remove old jobs.
+    ///
+    /// A job whose `joblet run` (or daemon) was killed keeps a `running` record, an unfinished
+    /// log and its cgroups. gc finds them (the supervisor's pid and start time are gone), kills
+    /// whatever is left in the job's own cgroup, removes its cgroups, ends its log and records it
+    /// as `failed` with the reason. A live supervisor's jobs are never touched. Every `joblet
+    /// run` does the same for the jobs listed as in flight before it starts its own.
+    ///
+    /// With --older-than, --keep or --max-size, gc then removes ended jobs' directories (log and
+    /// record), oldest first; a running job is never removed. A job ended when its final record
+    /// was written. --keep protects the newest N ended jobs from every other limit.
+    Gc {
+        /// Remove ended jobs that ended longer ago than this (e.g. 7d, 12h, 30m).
+        #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
+        older_than: Option<Duration>,
+        /// Keep the N most recently ended jobs; alone, remove all older ones.
+        #[arg(long, value_name = "N")]
+        keep: Option<usize>,
+        /// Remove the oldest ended jobs until all jobs' directories take at most SIZE on disk
+        /// (e.g. 10G).
+        #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+        max_size: Option<u64>,
+        /// Print what was done as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+
     /// Show a job's stored record.
     Inspect {
         /// The job id (or a unique prefix of it).

@@ -14,10 +14,11 @@ use std::process::ExitCode;
 use anyhow::{Context as _, bail};
 use clap::Parser as _;
 use joblet_runtime::capture::{Capture, CaptureConfig};
+use joblet_runtime::gc::{self, Retention};
 use joblet_runtime::job::{JobId, JobRecord, OutputInfo};
 use joblet_runtime::spawn::{self, SuperviseOptions};
 use joblet_runtime::store::logs::{LogsOptions, copy_followed, copy_logs, ps_filter, ps_table};
-use joblet_runtime::store::{Follower, StateDir, Stream};
+use joblet_runtime::store::{Follower, RunningMark, StateDir, Stream};
 use joblet_runtime::{Runtime, RuntimeConfig, SignalForwarder, SpawnError, Stdio};
 
 use crate::cli::{Cli, Command, RunArgs, StreamArg};
@@ -70,6 +71,19 @@ fn main() -> ExitCode {
             cmd_logs(&state, id, &opts)
         }
         Command::Inspect { id, json } => cmd_inspect(&state, id, *json),
+        Command::Gc {
+            older_than,
+            keep,
+            max_size,
+            json,
+        } => {
+            let retention = Retention {
+                older_than: *older_than,
+                keep: *keep,
+                max_bytes: *max_size,
+            };
+            cmd_gc(&state, &retention, *json)
+        }
         Command::Top { interval, once } => {
             top::run(&state, *interval, *once).map(|()| ExitCode::SUCCESS)
         }
@@ -103,6 +117,23 @@ fn cmd_run(state: &StateDir, args: &RunArgs) -> anyhow::Result<ExitCode> {
     };
     let mut runtime = Runtime::new(&config)?;
     runtime.validate(&spec)?;
+    // Jobs of `joblet run`s that were killed: only the running index is read, a few entries.
+    match gc::recover_index(state, &runtime.cgroups().parents()) {
+        Ok(recovered) => {
+            for r in recovered.iter().filter(|r| r.error.is_some()) {
+                eprintln!(
+                    "joblet: warning: recovering job {} of dead supervisor {}: {}",
+                    r.id,
+                    r.supervisor_pid,
+                    r.error.as_deref().unwrap_or_default()
+                );
+            }
+        }
+        Err(e) => eprintln!(
+            "joblet: warning: failed to recover stale jobs: {:#}",
+            anyhow::Error::new(e)
+        ),
+    }
     if args.trace {
         // Loaded only when asked: loading the probes stays out of the plain spawn path.
         let t = joblet_runtime::telemetry::Telemetry::load()
@@ -114,13 +145,16 @@ fn cmd_run(state: &StateDir, args: &RunArgs) -> anyhow::Result<ExitCode> {
 
     // The job writes into pipes captured into its log; the terminal shows the log as stored,
     // so what the terminal showed is what was stored.
+    // In the running index from before the job's directory exists until after its final
+    // record: if this process is killed, the next joblet finds the job there.
+    let _mark = RunningMark::new(state, &spec.id)?;
     let log = state.create_job(&spec.id)?;
     let pipe = || rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC);
     let (out_r, out_w) = pipe().context("failed to create the stdout pipe")?;
     let (err_r, err_w) = pipe().context("failed to create the stderr pipe")?;
-    // One job: a small buffer pool is plenty, and syncing is opt-in (--sync).
+    // One job: the default pool (8 x 1 MiB, touched only as output arrives) is one job's worth,
+    // and syncing is opt-in (--sync).
     let capture = Capture::start(CaptureConfig {
-        buffers: 8,
         sync_on_end: args.sync,
         ..CaptureConfig::default()
     })?;
@@ -336,6 +370,42 @@ fn cmd_inspect(state: &StateDir, id: &str, json: bool) -> anyhow::Result<ExitCod
                 }
             }
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_gc(state: &StateDir, retention: &Retention, json: bool) -> anyhow::Result<ExitCode> {
+    let cgroups = joblet_runtime::cgroup::detect(Path::new("/sys/fs/cgroup"))
+        .context("failed to probe the cgroup layout")?;
+    let report = gc::collect(state, &cgroups.parents(), retention)?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        for r in &report.recovered {
+            writeln!(
+                out,
+                "recovered {}: supervisor pid {} died; killed {} process(es), removed {} cgroup(s){}",
+                r.id,
+                r.supervisor_pid,
+                r.killed,
+                r.cgroups_removed,
+                r.error
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            )?;
+        }
+        for c in &report.cgroups_removed {
+            writeln!(out, "removed leftover cgroup {c}")?;
+        }
+        for r in &report.removed {
+            writeln!(out, "removed {} ({} bytes)", r.id, r.bytes)?;
+        }
+    }
+    for e in &report.errors {
+        eprintln!("joblet: warning: {e}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -4,6 +4,7 @@
 
 pub mod capture;
 pub mod cgroup;
+pub mod gc;
 pub mod init;
 pub mod job;
 pub mod parse;

@@ -71,9 +71,10 @@ pub fn duration(s: &str) -> Result<Duration, ParseError> {
         "ns" => value / 1e9,
         "m" | "min" => value * 60.0,
         "h" => value * 3600.0,
+        "d" => value * 86400.0,
         _ => {
             return err(format!(
-                "invalid duration {s:?}: unknown unit {unit:?} (use ms, s, m or h)"
+                "invalid duration {s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
             ));
         }
     };
@@ -283,6 +284,7 @@ mod tests {
         assert_eq!(duration("10s").unwrap(), Duration::from_secs(10));
         assert_eq!(duration("2").unwrap(), Duration::from_secs(2));
         assert_eq!(duration("1m").unwrap(), Duration::from_secs(60));
+        assert_eq!(duration("7d").unwrap(), Duration::from_secs(7 * 86400));
         assert!(duration("soon").is_err());
         assert!(duration("5y").is_err());
     }

@@ -5,6 +5,7 @@
 //! with a message, unless `JOBLET_REQUIRE_PRIVILEGED=1` (CI), where they fail loudly.
 
 mod exit_codes;
+mod gc;
 mod isolation;
 mod lifecycle;
 mod limits;

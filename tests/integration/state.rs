@@ -267,7 +267,7 @@ fn a_job_dies_with_a_killed_joblet_run_and_is_shown_as_failed() {
 
 /// Removes, on drop, the cgroups of every job in a state dir (waiting briefly for the kernel to
 /// release exited tasks).
-struct RemoveJobCgroups(std::path::PathBuf);
+pub(crate) struct RemoveJobCgroups(pub(crate) std::path::PathBuf);
 
 impl Drop for RemoveJobCgroups {
     fn drop(&mut self) {

@@ -452,6 +452,20 @@ impl CgroupDriver for HybridDriver {
         self.pool = (capacity > 0).then(|| Pool::new(capacity));
         Ok(())
     }
+
+    fn parents(&self) -> super::stale::Parents {
+        let v1 = [
+            self.memory.as_ref().map(|m| &m.dir),
+            self.cpu.as_ref(),
+            self.cpuset.as_ref().map(|c| &c.dir),
+            self.pids.as_ref(),
+            self.blkio.as_ref(),
+        ];
+        super::stale::Parents {
+            v2: Arc::clone(&self.unified),
+            v1: v1.into_iter().flatten().cloned().collect(),
+        }
+    }
 }
 
 impl HybridDriver {

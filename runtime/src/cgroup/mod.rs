@@ -35,6 +35,7 @@ use fs::Dir;
 mod fs;
 pub mod hybrid;
 pub mod pool;
+pub mod stale;
 #[cfg(test)]
 mod tests;
 pub mod v2;
@@ -163,6 +164,10 @@ pub trait CgroupDriver: Send + Sync + std::fmt::Debug {
     /// between jobs; and the job must not be stopped with `cgroup.kill`, after which the kernel
     /// kills every later task spawned into that cgroup (see [`JobCgroup::reusable`]).
     fn set_pool(&mut self, capacity: usize) -> Result<(), CgroupError>;
+
+    /// joblet's parent directories in every hierarchy this driver uses, for cleaning up the
+    /// cgroups of jobs whose supervisor died (see [`stale`]).
+    fn parents(&self) -> stale::Parents;
 }
 
 /// The cgroup set of one job. Dropping it does not remove the cgroups: call

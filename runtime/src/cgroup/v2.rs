@@ -299,6 +299,13 @@ impl CgroupDriver for V2Driver {
         self.pool = (capacity > 0).then(|| Pool::new(capacity));
         Ok(())
     }
+
+    fn parents(&self) -> super::stale::Parents {
+        super::stale::Parents {
+            v2: Arc::clone(&self.parent),
+            v1: Vec::new(),
+        }
+    }
 }
 
 impl V2Driver {

@@ -15,11 +15,13 @@ use std::path::{Path, PathBuf};
 use crate::job::{JobId, JobRecord};
 
 pub mod format;
+mod index;
 pub mod logs;
 mod reader;
 mod writer;
 
 pub use format::{Marker, TruncationReason};
+pub use index::{RUNNING_DIR, RunningEntry, RunningMark};
 pub use reader::FOLLOW_BACKSTOP;
 pub use reader::{Follower, LogReader};
 pub use writer::{LogEnd, LogWriter, MARKER_RESERVE, Recovery};

@@ -285,3 +285,37 @@ fn reopen_at_checks_the_last_chunk_and_cuts_only_a_torn_tail() {
     let datas: Vec<&[u8]> = chunks.iter().map(|c| c.data.as_slice()).collect();
     assert_eq!(datas, vec![&b"one"[..], b"two", b"three", b""]);
 }
+
+#[test]
+fn a_fast_log_reserves_ahead_in_proportion_and_releases_it_at_the_end() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let mut w = LogWriter::create(&path).unwrap();
+    let piece = vec![7u8; 256 << 10];
+    // The most held past the end of the file at any point.
+    let mut most_ahead = 0;
+    for _ in 0..64 {
+        w.append(Stream::Stdout, &piece).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        most_ahead = most_ahead.max((meta.blocks() * 512).saturating_sub(meta.size()));
+    }
+    if most_ahead == 0 {
+        // A filesystem without FALLOC_FL_KEEP_SIZE: nothing is reserved, nothing to check.
+        eprintln!("no reservation support in {}", dir.path().display());
+        return;
+    }
+    // Past 12 MiB written the reserve is renewed by an eighth of the log (1.5 MiB or more), not
+    // by one 256 KiB append: a fallocate call every few MiB.
+    assert!(
+        most_ahead >= 3 << 19,
+        "at most {most_ahead} bytes reserved ahead"
+    );
+    assert!(most_ahead <= 33 << 20);
+    w.finish().unwrap();
+    let meta = std::fs::metadata(&path).unwrap();
+    assert!(
+        meta.blocks() * 512 < meta.size() + (1 << 20),
+        "the reserve is released when the log ends"
+    );
+}

@@ -438,12 +438,15 @@ impl LogWriter {
         if !self.reserve_supported || need <= self.reserved_end {
             return Ok(());
         }
-        // Reserve ahead by as much again (up to 4 MiB) to make fallocate calls rare for a fast
-        // job without holding much disk for many slow ones.
-        let end = need + n.min(4 << 20);
+        // Reserve ahead in proportion to what the log already holds (an eighth of it, at least
+        // this write's size up to 4 MiB, at most 32 MiB): a fast writer makes one fallocate call
+        // every few MiB instead of one every other batch (~2,000 per GiB with 256 KiB batches,
+        // each a journal handle on ext4), while a slow job holds little disk it does not use.
+        // The rest is released when the log ends.
+        let ahead = (self.offset / 8).clamp(n.min(4 << 20), 32 << 20);
         // tmpfs's fallocate gives up with EINTR when a signal is pending (seen on Linux 6.1
         // with 1,000 jobs in the VM lane); it reserved nothing then, so try again.
-        let reserve = || loop {
+        let reserve = |end: u64| loop {
             match rustix::fs::fallocate(
                 &*self.file,
                 FallocateFlags::KEEP_SIZE,
@@ -454,7 +457,15 @@ impl LogWriter {
                 r => break r,
             }
         };
-        match reserve() {
+        let mut end = need + ahead;
+        let mut res = reserve(end);
+        if res == Err(rustix::io::Errno::NOSPC) {
+            // A nearly full disk may still have room for what is needed now: the margin ahead
+            // must not turn into lost output.
+            end = need;
+            res = reserve(end);
+        }
+        match res {
             Ok(()) => {
                 self.reserved_end = end;
                 Ok(())
