@@ -106,6 +106,8 @@ struct Cell {
     rounds: Vec<f64>,
     jobs: u64,
     elapsed: Duration,
+    /// CPU time of this process and its reaped children (the jobs), in clock ticks.
+    cpu_ticks: u64,
     latency_ns: Histogram<u64>,
 }
 
@@ -113,6 +115,7 @@ impl Cell {
     fn new() -> Cell {
         Cell {
             rounds: Vec::new(),
+            cpu_ticks: 0,
             jobs: 0,
             elapsed: Duration::ZERO,
             latency_ns: Histogram::new_with_bounds(1_000, 10_000_000_000, 3)
@@ -138,18 +141,40 @@ fn print_telemetry(results: &[(&str, usize, [Cell; 5])], bpf_stats: bool) {
         if off.jobs == 0 || on.jobs == 0 {
             continue;
         }
-        let per_round: Vec<String> = off
+        let mut ratios: Vec<f64> = off
             .rounds
             .iter()
             .zip(&on.rounds)
-            .map(|(off, on)| format!("{:+.1}%", 100.0 * (on - off) / off))
+            .map(|(off, on)| 100.0 * (on - off) / off)
             .collect();
+        let per_round: Vec<String> = ratios.iter().map(|r| format!("{r:+.1}%")).collect();
+        ratios.sort_by(f64::total_cmp);
+        // The median of the per-round ratios resists a round hit by someone else's build.
+        let median = match ratios.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => ratios[n / 2],
+            n => (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0,
+        };
         println!(
-            "  {label:<14} {n} thread(s): {:>7.0} jobs/s off, {:>7.0} on: {:+.1}% (rounds: {})",
+            "  {label:<14} {n} thread(s): {:>7.0} jobs/s off, {:>7.0} on: {:+.1}%, median of rounds {median:+.1}% (rounds: {})",
             off.jobs_per_sec(),
             on.jobs_per_sec(),
             100.0 * (on.jobs_per_sec() - off.jobs_per_sec()) / off.jobs_per_sec(),
             per_round.join(" ")
+        );
+        // CPU per job moves much less than throughput when others load the machine.
+        let (cpu_off, cpu_on) = (
+            off.cpu_ticks as f64 / off.jobs as f64,
+            on.cpu_ticks as f64 / on.jobs as f64,
+        );
+        let tick_us = 1e6 / 100.0;
+        println!(
+            "  {:<14} {:>10} CPU per job: {:>6.0} us off, {:>6.0} us on: {:+.1}% (process + reaped jobs, 10 ms ticks)",
+            "",
+            "",
+            cpu_off * tick_us,
+            cpu_on * tick_us,
+            100.0 * (cpu_on - cpu_off) / cpu_off
         );
     }
     let guard = TOTALS.lock().expect("totals lock");
@@ -390,7 +415,7 @@ fn run_cell(
     let warmup = Duration::from_millis(200).min(dur / 4);
     let stop = AtomicBool::new(false);
     let start = std::sync::Barrier::new(threads + 1);
-    let (jobs, elapsed, hists) = std::thread::scope(|s| {
+    let (jobs, elapsed, cpu, hists) = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
@@ -409,6 +434,7 @@ fn run_cell(
             })
             .collect();
         start.wait();
+        let cpu0 = cpu_ticks();
         let t0 = Instant::now();
         std::thread::sleep(dur);
         stop.store(true, Ordering::Relaxed);
@@ -418,19 +444,35 @@ fn run_cell(
             .collect();
         // Jobs in flight when `stop` was set finish after `dur`: count the time they took.
         let elapsed = t0.elapsed();
+        let cpu = cpu_ticks() - cpu0;
         let jobs = hists.iter().map(|h| h.len()).sum::<u64>();
-        (jobs, elapsed, hists)
+        (jobs, elapsed, cpu, hists)
     });
     drop(runtime);
     if let Some(t) = telemetry {
         add_totals(&t);
     }
     cell.rounds.push(jobs as f64 / elapsed.as_secs_f64());
+    cell.cpu_ticks += cpu;
     cell.jobs += jobs;
     cell.elapsed += elapsed;
     for h in hists {
         cell.latency_ns.add(h).expect("merge histograms");
     }
+}
+
+/// utime + stime + cutime + cstime of this process from /proc/self/stat, in clock ticks: the
+/// spawning threads, the telemetry reader and every job reaped so far (its setup before exec
+/// runs in the child).
+fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("read /proc/self/stat");
+    // Fields after the command name (which may contain spaces), from field 3 (state) on.
+    let rest = &stat[stat.rfind(')').expect("stat has a comm") + 2..];
+    rest.split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|f| f.parse::<u64>().expect("numeric CPU times"))
+        .sum()
 }
 
 fn job_spec(program: &Program) -> JobSpec {

@@ -285,14 +285,10 @@ impl Runtime {
         };
 
         let cgroup = self.cgroups.create(spec.id.as_str(), &spec.limits)?;
-        // The probes must know the cgroup before the first task enters it, or its exec is missed.
-        // A pooled cgroup keeps its id, so watching also resets any state of a previous job.
+        // No syscall: the probes start measuring the job when clone3 puts its first task in the
+        // cgroup (and forget any previous job of a pooled cgroup then).
         if let Some(t) = &self.telemetry {
-            if let Err(e) = t.watch(cgroup.id(), 0) {
-                let _ = cgroup.remove();
-                return Err(SpawnError::Telemetry(e));
-            }
-            let _ = t.mark_spawn(cgroup.id(), crate::telemetry::monotonic_ns());
+            t.mark_spawn(cgroup.id(), crate::telemetry::monotonic_ns());
         }
         let started = Instant::now();
         let started_at_ns = SystemTime::now()
