@@ -403,8 +403,7 @@ fn run_cell(
                 assert!(record.error.is_none(), "finish: {:?}", record.error);
                 if let Some(lat) = &record.latency {
                     TRACED_JOBS.fetch_add(1, Ordering::Relaxed);
-                    let lost = lat["events_lost"].as_u64().expect("events_lost");
-                    EVENTS_LOST.fetch_add(lost, Ordering::Relaxed);
+                    EVENTS_LOST.fetch_add(lat.events_lost, Ordering::Relaxed);
                 }
             }
         }

@@ -72,8 +72,6 @@ struct proc_entry {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
-	/* Only userspace inserts, so nothing is allocated in tracepoint context. */
-	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, u64);
 	__type(value, struct joblet_job);
 } jobs SEC(".maps");

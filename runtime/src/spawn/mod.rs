@@ -855,7 +855,8 @@ impl Job {
             if let Some(t) = &self.telemetry {
                 match t.finish(cg.id()) {
                     Ok(lat) => {
-                        r.latency = serde_json::to_value(&lat).ok();
+                        // Typed, not a JSON value: it is serialised once, with the record.
+                        r.latency = Some(lat.clone());
                         latency = Some(lat);
                     }
                     Err(e) => r.error = Some(anyhow_like(&e)),

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::sys::bpf::{HIST_BUCKETS, Hist};
 
@@ -36,7 +36,8 @@ pub(crate) fn bucket_bounds(idx: usize) -> (u64, u64) {
 }
 
 /// A latency distribution, in nanoseconds.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Distribution {
     /// Sum of all values (exact).
     pub total: u64,
@@ -55,7 +56,7 @@ pub struct Distribution {
 }
 
 /// One histogram bucket: `count` values in `[from, to)` nanoseconds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bucket {
     /// Inclusive lower bound, ns.
     pub from: u64,
