@@ -55,9 +55,6 @@ pub enum SpawnError {
     /// A cgroup operation failed.
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
-    /// The eBPF probes could not watch the job.
-    #[error("failed to watch the job with the eBPF probes")]
-    Telemetry(#[source] crate::telemetry::TelemetryError),
     /// The seccomp filter could not be built.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
