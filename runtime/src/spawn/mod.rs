@@ -821,8 +821,8 @@ impl Job {
 
     /// Completes the record from the exit status and the cgroup's accounting, then removes the
     /// job's cgroups. Call after [`Job::wait`] (or a successful [`Job::try_wait`]).
-    pub fn finish(self, status: ExitStatus, reason: StopReason) -> JobRecord {
-        self.finish_traced(status, reason).0
+    pub fn finish(mut self, status: ExitStatus, reason: StopReason) -> JobRecord {
+        self.complete(status, reason)
     }
 
     /// [`Job::finish`], also returning the latency report when the runtime has telemetry (it
@@ -832,7 +832,13 @@ impl Job {
         status: ExitStatus,
         reason: StopReason,
     ) -> (JobRecord, Option<crate::telemetry::LatencyReport>) {
-        let mut latency = None;
+        let record = self.complete(status, reason);
+        let latency = record.latency.clone();
+        (record, latency)
+    }
+
+    /// [`Job::finish`]'s work; leaves the handle without a cgroup, so `Drop` does nothing more.
+    fn complete(&mut self, status: ExitStatus, reason: StopReason) -> JobRecord {
         let wall = self.started.elapsed();
         let mut r = self.record.clone();
         r.wall_ns = wall.as_nanos() as u64;
@@ -851,11 +857,8 @@ impl Job {
         if let Some(cg) = self.cgroup.take() {
             if let Some(t) = &self.telemetry {
                 match t.finish(cg.id()) {
-                    Ok(lat) => {
-                        // Typed, not a JSON value: it is serialised once, with the record.
-                        r.latency = Some(lat.clone());
-                        latency = Some(lat);
-                    }
+                    // Typed, not a JSON value: it is serialised once, with the record.
+                    Ok(lat) => r.latency = Some(lat),
                     Err(e) => r.error = Some(anyhow_like(&e)),
                 }
             }
@@ -872,7 +875,7 @@ impl Job {
                 r.error.get_or_insert_with(|| anyhow_like(&e));
             }
         }
-        (r, latency)
+        r
     }
 }
 
