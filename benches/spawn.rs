@@ -19,13 +19,20 @@
 //! removed or back in the pool); the baseline's is `clone3` to the return of `waitid`. Jobs/s is
 //! the number of jobs all threads completed divided by the wall time of the measurement.
 //!
-//! The machine may be shared with other work, so the three modes of each (program, threads)
+//! The machine may be shared with other work, so the modes of each (program, threads)
 //! cell run interleaved, in several rounds, and the ratios compare numbers taken seconds apart.
 //!
 //! `cargo bench --bench spawn`. Needs root (prints why and exits 0 otherwise). Environment:
 //! - `JOBLET_BENCH_SECS` (default 1.5): seconds per mode and cell in each round;
 //! - `JOBLET_BENCH_ROUNDS` (default 2): rounds;
-//! - `JOBLET_BENCH_THREADS` (default `1,2,4`): the thread counts.
+//! - `JOBLET_BENCH_THREADS` (default `1,2,4`): the thread counts;
+//! - `JOBLET_BENCH_MODES` (default all): the modes to run, comma-separated among `bare`,
+//!   `ns`, `pooled`, `fresh`, `notemplate`, `traced` (e.g. `pooled,traced` for telemetry on vs off);
+//! - `JOBLET_BENCH_BPF_STATS=1`: per-program BPF run time of the traced cells.
+//!
+//! Telemetry "off" means no probes attached at all: the traced cells load the probes before
+//! their warm-up and detach them (drop) after their measurement, so the other modes never pay
+//! for the probes' filter on the host's context switches.
 //!
 //! It creates its own state dir (a temp dir) and removes it, and its cgroups are removed by the
 //! runtime (a pool's idle sets when its runtime is dropped).
@@ -40,6 +47,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use joblet_runtime::job::{Bind, JobId, JobSpec, Limits, Sandbox};
 use joblet_runtime::spawn::ExitStatus;
+use joblet_runtime::telemetry::{Counters, Telemetry};
 use joblet_runtime::testsupport;
 use joblet_runtime::{Runtime, RuntimeConfig, Stdio, StopReason};
 
@@ -73,6 +81,17 @@ impl Mode {
         Mode::PooledTraced,
     ];
 
+    fn key(self) -> &'static str {
+        match self {
+            Mode::Bare => "bare",
+            Mode::NsCgroup => "ns",
+            Mode::Pooled => "pooled",
+            Mode::Fresh => "fresh",
+            Mode::PooledNoTemplate => "notemplate",
+            Mode::PooledTraced => "traced",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Mode::Bare => "bare clone3+exec",
@@ -95,14 +114,20 @@ struct Program {
 
 /// One cell's measurements, accumulated over rounds.
 struct Cell {
+    /// Jobs/s of each round.
+    rounds: Vec<f64>,
     jobs: u64,
     elapsed: Duration,
+    /// CPU time of this process and its reaped children (the jobs), in clock ticks.
+    cpu_ticks: u64,
     latency_ns: Histogram<u64>,
 }
 
 impl Cell {
     fn new() -> Cell {
         Cell {
+            rounds: Vec::new(),
+            cpu_ticks: 0,
             jobs: 0,
             elapsed: Duration::ZERO,
             latency_ns: Histogram::new_with_bounds(1_000, 10_000_000_000, 3)
@@ -124,56 +149,115 @@ fn print_telemetry(results: &[(&str, usize, [Cell; MODES])], bpf_stats: bool) {
     let pos = |m: Mode| Mode::ALL.iter().position(|x| *x == m).expect("mode");
     println!("\ntelemetry on vs off (pooled cgroups):");
     for (label, n, cells) in results {
-        let off = cells[pos(Mode::Pooled)].jobs_per_sec();
-        let on = cells[pos(Mode::PooledTraced)].jobs_per_sec();
+        let (off, on) = (&cells[pos(Mode::Pooled)], &cells[pos(Mode::PooledTraced)]);
+        if off.jobs == 0 || on.jobs == 0 {
+            continue;
+        }
+        let mut ratios: Vec<f64> = off
+            .rounds
+            .iter()
+            .zip(&on.rounds)
+            .map(|(off, on)| 100.0 * (on - off) / off)
+            .collect();
+        let per_round: Vec<String> = ratios.iter().map(|r| format!("{r:+.1}%")).collect();
+        ratios.sort_by(f64::total_cmp);
+        // The median of the per-round ratios resists a round hit by someone else's build.
+        let median = match ratios.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => ratios[n / 2],
+            n => (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0,
+        };
         println!(
-            "  {label:<14} {n} thread(s): {off:>7.0} jobs/s off, {on:>7.0} on: {:+.1}%",
-            100.0 * (on - off) / off
+            "  {label:<14} {n} thread(s): {:>7.0} jobs/s off, {:>7.0} on: {:+.1}%, median of rounds {median:+.1}% (rounds: {})",
+            off.jobs_per_sec(),
+            on.jobs_per_sec(),
+            100.0 * (on.jobs_per_sec() - off.jobs_per_sec()) / off.jobs_per_sec(),
+            per_round.join(" ")
+        );
+        // CPU per job moves much less than throughput when others load the machine.
+        let (cpu_off, cpu_on) = (
+            off.cpu_ticks as f64 / off.jobs as f64,
+            on.cpu_ticks as f64 / on.jobs as f64,
+        );
+        let tick_us = 1e6 / 100.0;
+        println!(
+            "  {:<14} {:>10} CPU per job: {:>6.0} us off, {:>6.0} us on: {:+.1}% (process + reaped jobs, 10 ms ticks)",
+            "",
+            "",
+            cpu_off * tick_us,
+            cpu_on * tick_us,
+            100.0 * (cpu_on - cpu_off) / cpu_off
         );
     }
-    let c = telemetry().counters().expect("telemetry counters");
+    let guard = TOTALS.lock().expect("totals lock");
+    let Some(totals) = guard.as_ref() else {
+        return;
+    };
+    let c = totals.counters;
+    let traced = TRACED_JOBS.load(Ordering::Relaxed);
     println!(
-        "  {} traced jobs, {} events lost in them; ring buffer drops {}, task map full {}, reader wakeups {}",
-        TRACED_JOBS.load(Ordering::Relaxed),
+        "  {traced} traced jobs, {} events lost in them; ring buffer drops {}, task map full {}, reader wakeups {}",
         EVENTS_LOST.load(Ordering::Relaxed),
         c.ringbuf_drops,
         c.task_map_full,
         c.reader_wakeups
     );
-    match telemetry().program_stats() {
-        Ok(_) if !bpf_stats => {
-            println!("  (per-program BPF run time: run with JOBLET_BENCH_BPF_STATS=1)");
-        }
-        Ok(stats) => {
-            for p in stats {
-                let per = p.run_time_ns.checked_div(p.run_count).unwrap_or(0);
-                println!(
-                    "  bpf {:<22} {:>10} runs {:>8.1} ms total {:>6} ns/run",
-                    p.tracepoint,
-                    p.run_count,
-                    p.run_time_ns as f64 / 1e6,
-                    per
-                );
-            }
-        }
-        Err(e) => println!("  per-program run time unavailable: {e}"),
+    if !bpf_stats {
+        println!("  (per-program BPF run time: run with JOBLET_BENCH_BPF_STATS=1)");
+        return;
     }
+    let mut sum = 0;
+    for &(tracepoint, runs, ns) in &totals.programs {
+        sum += ns;
+        println!(
+            "  bpf {tracepoint:<22} {runs:>10} runs {:>8.1} ms total {:>6} ns/run",
+            ns as f64 / 1e6,
+            ns.checked_div(runs).unwrap_or(0)
+        );
+    }
+    // Includes the warm-up jobs, which TRACED_JOBS counts too.
+    println!(
+        "  bpf total {:.1} ms, {:.2} us per traced job (host activity during the traced cells included)",
+        sum as f64 / 1e6,
+        sum as f64 / 1e3 / traced.max(1) as f64
+    );
 }
 
 /// Jobs measured with telemetry on, and the ring-buffer events they lost.
 static TRACED_JOBS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static EVENTS_LOST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// The probes, loaded once (as the daemon would), with kernel.bpf_stats_enabled on so the
-/// per-program run time can be reported.
-fn telemetry() -> &'static std::sync::Arc<joblet_runtime::telemetry::Telemetry> {
-    static T: std::sync::OnceLock<std::sync::Arc<joblet_runtime::telemetry::Telemetry>> =
-        std::sync::OnceLock::new();
-    T.get_or_init(|| {
-        std::sync::Arc::new(
-            joblet_runtime::telemetry::Telemetry::load().expect("load the eBPF probes"),
-        )
-    })
+/// Counters and per-program BPF run time summed over the traced cells (each loads its own probes).
+#[derive(Default)]
+struct TracedTotals {
+    counters: Counters,
+    /// (tracepoint, runs, run time ns).
+    programs: Vec<(&'static str, u64, u64)>,
+}
+
+static TOTALS: std::sync::Mutex<Option<TracedTotals>> = std::sync::Mutex::new(None);
+
+fn add_totals(t: &Telemetry) {
+    let c = t.counters().expect("telemetry counters");
+    let mut guard = TOTALS.lock().expect("totals lock");
+    let totals = guard.get_or_insert_with(TracedTotals::default);
+    totals.counters.ringbuf_drops += c.ringbuf_drops;
+    totals.counters.task_map_full += c.task_map_full;
+    totals.counters.malformed_events += c.malformed_events;
+    totals.counters.reader_wakeups += c.reader_wakeups;
+    if let Ok(stats) = t.program_stats() {
+        for p in stats {
+            match totals.programs.iter_mut().find(|e| e.0 == p.tracepoint) {
+                Some(e) => {
+                    e.1 += p.run_count;
+                    e.2 += p.run_time_ns;
+                }
+                None => totals
+                    .programs
+                    .push((p.tracepoint, p.run_count, p.run_time_ns)),
+            }
+        }
+    }
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -203,6 +287,18 @@ fn main() {
         })
         .collect();
     let per_cell = Duration::from_secs_f64(secs);
+    let modes: Vec<Mode> = match std::env::var("JOBLET_BENCH_MODES") {
+        Ok(v) => v
+            .split(',')
+            .map(|m| {
+                Mode::ALL
+                    .into_iter()
+                    .find(|x| x.key() == m.trim())
+                    .unwrap_or_else(|| panic!("JOBLET_BENCH_MODES: unknown mode {m:?}"))
+            })
+            .collect(),
+        Err(_) => Mode::ALL.to_vec(),
+    };
 
     let state = tempfile::Builder::new()
         .prefix("joblet-bench-")
@@ -234,6 +330,9 @@ fn main() {
             let mut cells = std::array::from_fn(|_| Cell::new());
             for _ in 0..rounds {
                 for (i, mode) in Mode::ALL.into_iter().enumerate() {
+                    if !modes.contains(&mode) {
+                        continue;
+                    }
                     let target = Target {
                         program,
                         state: state.path(),
@@ -305,6 +404,9 @@ fn run_cell(mode: Mode, target: &Target<'_>, threads: usize, dur: Duration, cell
         state,
         floor_cgroup,
     } = *target;
+    // Loaded per traced cell (tens of ms, outside the measurement) and dropped at its end.
+    let telemetry = (mode == Mode::PooledTraced)
+        .then(|| std::sync::Arc::new(Telemetry::load().expect("load the eBPF probes")));
     let runtime = match mode {
         Mode::Bare | Mode::NsCgroup => None,
         Mode::Pooled | Mode::Fresh | Mode::PooledNoTemplate | Mode::PooledTraced => Some({
@@ -319,8 +421,8 @@ fn run_cell(mode: Mode, target: &Target<'_>, threads: usize, dur: Duration, cell
                 ..RuntimeConfig::default()
             })
             .expect("create the runtime");
-            if mode == Mode::PooledTraced {
-                rt.set_telemetry(telemetry().clone());
+            if let Some(t) = &telemetry {
+                rt.set_telemetry(t.clone());
             }
             rt
         }),
@@ -358,8 +460,7 @@ fn run_cell(mode: Mode, target: &Target<'_>, threads: usize, dur: Duration, cell
                 assert!(record.error.is_none(), "finish: {:?}", record.error);
                 if let Some(lat) = &record.latency {
                     TRACED_JOBS.fetch_add(1, Ordering::Relaxed);
-                    let lost = lat["events_lost"].as_u64().expect("events_lost");
-                    EVENTS_LOST.fetch_add(lost, Ordering::Relaxed);
+                    EVENTS_LOST.fetch_add(lat.events_lost, Ordering::Relaxed);
                 }
             }
         }
@@ -370,7 +471,7 @@ fn run_cell(mode: Mode, target: &Target<'_>, threads: usize, dur: Duration, cell
     let warmup = Duration::from_millis(200).min(dur / 4);
     let stop = AtomicBool::new(false);
     let start = std::sync::Barrier::new(threads + 1);
-    let (jobs, elapsed, hists) = std::thread::scope(|s| {
+    let (jobs, elapsed, cpu, hists) = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
@@ -389,6 +490,7 @@ fn run_cell(mode: Mode, target: &Target<'_>, threads: usize, dur: Duration, cell
             })
             .collect();
         start.wait();
+        let cpu0 = cpu_ticks();
         let t0 = Instant::now();
         std::thread::sleep(dur);
         stop.store(true, Ordering::Relaxed);
@@ -398,14 +500,35 @@ fn run_cell(mode: Mode, target: &Target<'_>, threads: usize, dur: Duration, cell
             .collect();
         // Jobs in flight when `stop` was set finish after `dur`: count the time they took.
         let elapsed = t0.elapsed();
+        let cpu = cpu_ticks() - cpu0;
         let jobs = hists.iter().map(|h| h.len()).sum::<u64>();
-        (jobs, elapsed, hists)
+        (jobs, elapsed, cpu, hists)
     });
+    drop(runtime);
+    if let Some(t) = telemetry {
+        add_totals(&t);
+    }
+    cell.rounds.push(jobs as f64 / elapsed.as_secs_f64());
+    cell.cpu_ticks += cpu;
     cell.jobs += jobs;
     cell.elapsed += elapsed;
     for h in hists {
         cell.latency_ns.add(h).expect("merge histograms");
     }
+}
+
+/// utime + stime + cutime + cstime of this process from /proc/self/stat, in clock ticks: the
+/// spawning threads, the telemetry reader and every job reaped so far (its setup before exec
+/// runs in the child).
+fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("read /proc/self/stat");
+    // Fields after the command name (which may contain spaces), from field 3 (state) on.
+    let rest = &stat[stat.rfind(')').expect("stat has a comm") + 2..];
+    rest.split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|f| f.parse::<u64>().expect("numeric CPU times"))
+        .sum()
 }
 
 fn job_spec(program: &Program) -> JobSpec {
@@ -551,7 +674,10 @@ fn print_table(results: &[(&str, usize, [Cell; MODES])]) {
         let bare = &cells[0];
         let ns = &cells[1];
         for (mode, c) in Mode::ALL.into_iter().zip(cells) {
-            let vs_bare = if mode == Mode::Bare {
+            if c.jobs == 0 {
+                continue;
+            }
+            let vs_bare = if mode == Mode::Bare || bare.jobs == 0 {
                 format!("{:>8} {:>8}", "", "")
             } else {
                 format!(
@@ -560,7 +686,7 @@ fn print_table(results: &[(&str, usize, [Cell; MODES])]) {
                     c.p(0.5) / bare.p(0.5),
                 )
             };
-            let vs_ns = if matches!(mode, Mode::Bare | Mode::NsCgroup) {
+            let vs_ns = if matches!(mode, Mode::Bare | Mode::NsCgroup) || ns.jobs == 0 {
                 String::new()
             } else {
                 format!(

@@ -5,8 +5,11 @@
  * Every event is charged to the task it is about (the task that waits, runs or exits), read from
  * the raw tracepoint's task_struct arguments, never to whichever task is current: sched_wakeup
  * and sched_switch run in another task's context. A task belongs to a job when its cgroup v2 id
- * (task->cgroups->dfl_cgrp->kn->id, read with CO-RE) is a key of `jobs`, which only userspace
- * fills, so host tasks are filtered out by one hash lookup.
+ * (task->cgroups->dfl_cgrp->kn->id, read with CO-RE, or bpf_get_current_cgroup_id() when the
+ * task is the current one) is a key of `jobs`, so host tasks are filtered out by one hash lookup.
+ * A job's entry is made by the fork probe when the loading process clones a task into another
+ * cgroup (joblet's spawn: clone3 with CLONE_INTO_CGROUP), so the spawn path makes no syscall for
+ * it; userspace can also make one for a job it did not spawn (`watch`).
  *
  * Only raw tracepoints, CO-RE reads, the ring buffer and XADD atomics are used, so the object
  * loads on any kernel >= 5.8 with BTF (no fentry, tp_btf or BPF atomics beyond add).
@@ -19,6 +22,18 @@
 #include "joblet.h"
 
 char LICENSE[] SEC("license") = "GPL";
+
+/*
+ * The loading process ("owner"), set by the loader before verification (frozen .rodata, so the
+ * verifier prunes the branch not taken). Its tgid as seen in the pid namespace (dev, ino), or,
+ * when owner_pidns_ino is 0, the global tgid. A tgid of 0 means no owner: only `watch` counts.
+ */
+const volatile u32 owner_tgid = 0;
+const volatile u64 owner_pidns_dev = 0;
+const volatile u64 owner_pidns_ino = 0;
+
+/* The value new job entries are copied from: 4 KiB does not fit on the BPF stack. */
+struct joblet_job zero_job = {};
 
 /* Per-thread scheduling state (values of `tasks.state`). */
 enum {
@@ -37,6 +52,7 @@ enum {
  */
 struct task_entry {
 	u64 cgid;
+	u64 gen; /* the job's generation (joblet_job.gen): another job in the same cgroup differs */
 	u64 ts;
 	u32 state;
 	u32 _pad;
@@ -44,6 +60,7 @@ struct task_entry {
 
 struct proc_entry {
 	u64 cgid;
+	u64 gen;
 	u64 fork_ns; /* 0 when the process entered the job by migration */
 	u64 exec_ns; /* 0 before its first exec in the job */
 };
@@ -52,11 +69,14 @@ struct proc_entry {
 #define RINGBUF_BYTES (1 << 20)
 #define WAKEUP_THRESHOLD (RINGBUF_BYTES / 4)
 
+/*
+ * Preallocated (4.4 MB): an insert or delete takes or returns a free-list element, 1-2 us from
+ * userspace, where BPF_F_NO_PREALLOC cost 10-30 us per insert or delete (element allocation and
+ * RCU-deferred free of a 4 KiB value), and the fork probe can insert without allocating.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
-	/* Only userspace inserts, so nothing is allocated in tracepoint context. */
-	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, u64);
 	__type(value, struct joblet_job);
 } jobs SEC(".maps");
@@ -94,20 +114,20 @@ static __always_inline void count(u32 which)
 		__sync_fetch_and_add(c, 1);
 }
 
-/* The thread's entry if it was made for job `cgid`. */
-static __always_inline struct task_entry *task_entry(u32 tid, u64 cgid)
+/* The thread's entry if it was made for this job (cgroup and generation). */
+static __always_inline struct task_entry *task_entry(u32 tid, u64 cgid, struct joblet_job *job)
 {
 	struct task_entry *te = bpf_map_lookup_elem(&tasks, &tid);
 
-	return te && te->cgid == cgid ? te : NULL;
+	return te && te->cgid == cgid && te->gen == job->gen ? te : NULL;
 }
 
-/* The process's entry if it was made for job `cgid`. */
-static __always_inline struct proc_entry *proc_entry(u32 tgid, u64 cgid)
+/* The process's entry if it was made for this job. */
+static __always_inline struct proc_entry *proc_entry(u32 tgid, u64 cgid, struct joblet_job *job)
 {
 	struct proc_entry *pe = bpf_map_lookup_elem(&procs, &tgid);
 
-	return pe && pe->cgid == cgid ? pe : NULL;
+	return pe && pe->cgid == cgid && pe->gen == job->gen ? pe : NULL;
 }
 
 static __always_inline u64 cgroup_of(struct task_struct *t)
@@ -119,6 +139,47 @@ static __always_inline struct joblet_job *job_of(struct task_struct *t, u64 *cgi
 {
 	*cgid = cgroup_of(t);
 	return bpf_map_lookup_elem(&jobs, cgid);
+}
+
+/* job_of() for the current task: one helper call instead of four CO-RE reads. */
+static __always_inline struct joblet_job *job_of_current(u64 *cgid)
+{
+	*cgid = bpf_get_current_cgroup_id();
+	return bpf_map_lookup_elem(&jobs, cgid);
+}
+
+static __always_inline bool current_is_owner(void)
+{
+	if (!owner_tgid)
+		return false;
+	if (owner_pidns_ino) {
+		struct bpf_pidns_info ns = {};
+
+		if (bpf_get_ns_current_pid_tgid(owner_pidns_dev, owner_pidns_ino, &ns, sizeof(ns)))
+			return false;
+		return ns.tgid == owner_tgid;
+	}
+	return (u32)(bpf_get_current_pid_tgid() >> 32) == owner_tgid;
+}
+
+/*
+ * A new job in cgroup `cgid`, replacing any entry of an earlier job there (a pooled cgroup whose
+ * last job was not finished). `jobs` is preallocated, so this takes an element from its free
+ * list (no allocation in tracepoint context) and copies the zeroed value in.
+ */
+static __always_inline struct joblet_job *start_job(u64 cgid, u64 now)
+{
+	struct joblet_job *job;
+
+	if (bpf_map_update_elem(&jobs, &cgid, &zero_job, BPF_ANY)) {
+		count(JOBLET_COUNTER_JOB_MAP_FULL);
+		return NULL;
+	}
+	job = bpf_map_lookup_elem(&jobs, &cgid);
+	/* The child is not runnable yet (wake_up_new_task comes after this tracepoint). */
+	if (job)
+		job->gen = now;
+	return job;
 }
 
 static __always_inline long task_state(struct task_struct *t)
@@ -184,10 +245,10 @@ static __always_inline void hist_add(struct joblet_hist *h, u64 v)
  * thread's transitions are serialised by the scheduler (its wakeup waits for the switch-out to
  * finish, see p->on_cpu in try_to_wake_up), so no reader sees a half-written entry that matters.
  */
-static __always_inline void set_task(struct task_entry *te, u32 tid, u64 cgid, u32 state,
-				     u64 ts)
+static __always_inline void set_task(struct task_entry *te, u32 tid, u64 cgid,
+				     struct joblet_job *job, u32 state, u64 ts)
 {
-	struct task_entry e = { .cgid = cgid, .ts = ts, .state = state };
+	struct task_entry e = { .cgid = cgid, .gen = job->gen, .ts = ts, .state = state };
 
 	if (te) {
 		te->ts = ts;
@@ -226,23 +287,27 @@ static __always_inline void submit(struct joblet_event *e)
 	bpf_ringbuf_submit(e, flags);
 }
 
-/* raw_tracepoint/sched_switch: (bool preempt, prev, next[, unsigned int prev_state since 5.18]) */
+/*
+ * raw_tracepoint/sched_switch: (bool preempt, prev, next[, unsigned int prev_state since 5.18]),
+ * in prev's context: prev is the current task. Host tasks cost two cgroup reads and two failed
+ * lookups, no clock read.
+ */
 SEC("raw_tracepoint/sched_switch")
 int joblet_sched_switch(struct bpf_raw_tracepoint_args *ctx)
 {
 	bool preempt = (bool)(ctx->args[0] & 0xff);
 	struct task_struct *prev = (struct task_struct *)ctx->args[1];
 	struct task_struct *next = (struct task_struct *)ctx->args[2];
-	u64 now = bpf_ktime_get_ns();
 	struct joblet_job *job;
 	struct task_entry *te;
-	u64 cgid;
+	u64 cgid, now = 0;
 	u32 tid;
 
-	job = job_of(prev, &cgid);
+	job = job_of_current(&cgid);
 	if (job) {
-		tid = BPF_CORE_READ(prev, pid);
-		te = task_entry(tid, cgid);
+		now = bpf_ktime_get_ns();
+		tid = (u32)bpf_get_current_pid_tgid();
+		te = task_entry(tid, cgid, job);
 		if (te && te->state == ST_ONCPU)
 			__sync_fetch_and_add(&job->on_cpu_ns, now - te->ts);
 		if (BPF_CORE_READ(prev, exit_state)) {
@@ -256,17 +321,19 @@ int joblet_sched_switch(struct bpf_raw_tracepoint_args *ctx)
 		} else if (!preempt && task_state(prev) != 0) {
 			/* The kernel's own rule for nvcsw / nivcsw in __schedule(). */
 			__sync_fetch_and_add(&job->voluntary_switches, 1);
-			set_task(te, tid, cgid, ST_BLOCKED, now);
+			set_task(te, tid, cgid, job, ST_BLOCKED, now);
 		} else {
 			__sync_fetch_and_add(&job->involuntary_switches, 1);
-			set_task(te, tid, cgid, ST_RUNQ, now);
+			set_task(te, tid, cgid, job, ST_RUNQ, now);
 		}
 	}
 
 	job = job_of(next, &cgid);
 	if (job) {
+		if (!now)
+			now = bpf_ktime_get_ns();
 		tid = BPF_CORE_READ(next, pid);
-		te = task_entry(tid, cgid);
+		te = task_entry(tid, cgid, job);
 		if (te && te->ts) {
 			if (te->state == ST_RUNQ)
 				hist_add(&job->runq, now - te->ts);
@@ -274,7 +341,7 @@ int joblet_sched_switch(struct bpf_raw_tracepoint_args *ctx)
 				/* Its wakeup was missed (watch() came in between): charge the gap as off-CPU. */
 				hist_add(&job->off_cpu, now - te->ts);
 		}
-		set_task(te, tid, cgid, ST_ONCPU, now);
+		set_task(te, tid, cgid, job, ST_ONCPU, now);
 	}
 	return 0;
 }
@@ -291,7 +358,7 @@ static __always_inline int on_wakeup(struct task_struct *p)
 		return 0;
 	now = bpf_ktime_get_ns();
 	tid = BPF_CORE_READ(p, pid);
-	te = task_entry(tid, cgid);
+	te = task_entry(tid, cgid, job);
 	if (te) {
 		/* A wakeup of a task that has not switched out yet cancels its sleep: nothing waits. */
 		if (te->state == ST_ONCPU || te->state == ST_RUNQ)
@@ -299,7 +366,7 @@ static __always_inline int on_wakeup(struct task_struct *p)
 		if (te->state == ST_BLOCKED && te->ts)
 			hist_add(&job->off_cpu, now - te->ts);
 	}
-	set_task(te, tid, cgid, ST_RUNQ, now);
+	set_task(te, tid, cgid, job, ST_RUNQ, now);
 	return 0;
 }
 
@@ -317,24 +384,35 @@ int joblet_sched_wakeup_new(struct bpf_raw_tracepoint_args *ctx)
 	return on_wakeup((struct task_struct *)ctx->args[0]);
 }
 
-/* raw_tracepoint/sched_process_fork: (parent, child), in the parent's context. */
+/*
+ * raw_tracepoint/sched_process_fork: (parent, child), in the parent's context. A child cloned by
+ * the owner into another cgroup than the owner's starts a job there.
+ */
 SEC("raw_tracepoint/sched_process_fork")
 int joblet_sched_process_fork(struct bpf_raw_tracepoint_args *ctx)
 {
 	struct task_struct *child = (struct task_struct *)ctx->args[1];
 	struct joblet_job *job;
-	u64 cgid;
+	u64 cgid, now;
 	u32 pid, tgid;
 
 	/* The child's cgroup, not the parent's: with CLONE_INTO_CGROUP they differ. */
-	job = job_of(child, &cgid);
+	cgid = cgroup_of(child);
+	now = 0;
+	if (cgid != bpf_get_current_cgroup_id() && current_is_owner()) {
+		now = bpf_ktime_get_ns();
+		job = start_job(cgid, now);
+	} else {
+		job = bpf_map_lookup_elem(&jobs, &cgid);
+	}
 	if (!job)
 		return 0;
 	pid = BPF_CORE_READ(child, pid);
 	tgid = BPF_CORE_READ(child, tgid);
 	if (pid == tgid) {
-		struct proc_entry pe = { .cgid = cgid, .fork_ns = bpf_ktime_get_ns() };
+		struct proc_entry pe = { .cgid = cgid, .gen = job->gen };
 
+		pe.fork_ns = now ? now : bpf_ktime_get_ns();
 		__sync_fetch_and_add(&job->forks, 1);
 		if (bpf_map_update_elem(&procs, &tgid, &pe, BPF_ANY))
 			count(JOBLET_COUNTER_TASK_MAP_FULL);
@@ -356,7 +434,8 @@ int joblet_sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
 	u32 tid, tgid, flags = 0;
 	u64 delta = 0;
 
-	job = job_of(p, &cgid);
+	/* p is the current task. */
+	job = job_of_current(&cgid);
 	if (!job)
 		return 0;
 	now = bpf_ktime_get_ns();
@@ -370,7 +449,7 @@ int joblet_sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
 		job->leader_tgid = tgid;
 		flags |= JOBLET_EVENT_LEADER;
 	}
-	pe = proc_entry(tgid, cgid);
+	pe = proc_entry(tgid, cgid, job);
 	if (pe) {
 		if (pe->fork_ns && !pe->exec_ns) {
 			delta = now - pe->fork_ns;
@@ -379,14 +458,14 @@ int joblet_sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
 		pe->exec_ns = now;
 	} else {
 		/* Entered the job by migration (cgroup.procs), not by fork. */
-		struct proc_entry fresh = { .cgid = cgid, .exec_ns = now };
+		struct proc_entry fresh = { .cgid = cgid, .gen = job->gen, .exec_ns = now };
 
 		if (bpf_map_update_elem(&procs, &tgid, &fresh, BPF_ANY))
 			count(JOBLET_COUNTER_TASK_MAP_FULL);
 	}
 	/* The task is running: start its on-CPU interval if it was never switched in as a job task. */
-	if (!task_entry(tid, cgid))
-		set_task(NULL, tid, cgid, ST_ONCPU, now);
+	if (!task_entry(tid, cgid, job))
+		set_task(NULL, tid, cgid, job, ST_ONCPU, now);
 
 	e = reserve(job);
 	if (!e)
@@ -416,14 +495,15 @@ int joblet_sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
 	u32 tid, tgid, flags = 0;
 	bool leader;
 
-	tid = BPF_CORE_READ(p, pid);
-	job = job_of(p, &cgid);
-	/* Host tasks return here; entries of tasks outliving their job are stale by cgroup id. */
+	/* p is the current task. Host tasks return here; entries of tasks outliving their job are
+	 * stale by cgroup id and generation. */
+	job = job_of_current(&cgid);
 	if (!job)
 		return 0;
 	now = bpf_ktime_get_ns();
+	tid = BPF_CORE_READ(p, pid);
 	tgid = BPF_CORE_READ(p, tgid);
-	te = task_entry(tid, cgid);
+	te = task_entry(tid, cgid, job);
 	/* Its last on-CPU stretch: the final switch-out comes after the entry is gone. */
 	if (te && te->state == ST_ONCPU)
 		__sync_fetch_and_add(&job->on_cpu_ns, now - te->ts);
@@ -433,7 +513,7 @@ int joblet_sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
 	if (BPF_CORE_READ(p, signal, live.counter) != 0)
 		return 0;
 	__sync_fetch_and_add(&job->exits, 1);
-	pe = proc_entry(tgid, cgid);
+	pe = proc_entry(tgid, cgid, job);
 	if (pe && pe->exec_ns) {
 		delta = now - pe->exec_ns;
 		flags |= JOBLET_EVENT_HAVE_DELTA;

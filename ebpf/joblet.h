@@ -21,8 +21,16 @@ struct joblet_hist {
 	__u64 buckets[JOBLET_HIST_BUCKETS];
 };
 
-/* Value of the `jobs` map, keyed by the job's cgroup v2 id. Inserted zeroed by userspace. */
+/*
+ * Value of the `jobs` map, keyed by the job's cgroup v2 id. Created zeroed by the fork probe when
+ * the loading process clones a task into another cgroup (a spawn), or by userspace (`watch`).
+ */
 struct joblet_job {
+	/*
+	 * Tells this job from earlier ones in the same (pooled) cgroup: per-task and per-process
+	 * entries carry the generation they were made in, and others are stale.
+	 */
+	__u64 gen;
 	__u64 on_cpu_ns;
 	__u64 voluntary_switches;
 	__u64 involuntary_switches;
@@ -67,7 +75,9 @@ struct joblet_event {
 enum joblet_counter {
 	JOBLET_COUNTER_RINGBUF_DROPS = 0,
 	JOBLET_COUNTER_TASK_MAP_FULL = 1,
-	JOBLET_COUNTER_MAX = 2,
+	/* Spawns the fork probe could not start measuring (`jobs` full or out of memory). */
+	JOBLET_COUNTER_JOB_MAP_FULL = 2,
+	JOBLET_COUNTER_MAX = 3,
 };
 
 #endif

@@ -328,7 +328,7 @@ pub struct JobRecord {
     pub output: Option<OutputInfo>,
     /// Kernel-level latency measured by the eBPF probes (`--trace`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub latency: Option<serde_json::Value>,
+    pub latency: Option<crate::telemetry::LatencyReport>,
 }
 
 /// A supervising process, identified by pid and start time (a pid alone can be reused).

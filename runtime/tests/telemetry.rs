@@ -7,15 +7,20 @@
 //! before exec'ing the job's command. Tests share one loaded `Telemetry` (loading is per
 //! process) and are serialised, because CPU contention from one would show in another.
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+use joblet_runtime::cgroup::CgroupError;
+use joblet_runtime::job::{JobId, JobSpec, Limits, Sandbox};
+use joblet_runtime::spawn::SpawnError;
 use joblet_runtime::telemetry::{LatencyReport, Telemetry, monotonic_ns};
 use joblet_runtime::testsupport::{self, privileged};
+use joblet_runtime::{Runtime, RuntimeConfig, StopReason};
 
 /// Loads the probes once for the whole test binary, and serialises the tests.
 fn telemetry() -> Option<(MutexGuard<'static, ()>, &'static Telemetry)> {
@@ -437,5 +442,101 @@ fn unwatched_jobs_are_refused() {
     };
     assert!(t.snapshot(u64::MAX).is_err());
     assert!(t.finish(u64::MAX).is_err());
-    assert!(t.mark_spawn(u64::MAX, 1).is_err());
+    // A spawn timestamp alone does not make a job: no task was cloned into that cgroup.
+    t.mark_spawn(u64::MAX, 1);
+    assert!(t.finish(u64::MAX).is_err());
+}
+
+/// Runs `command` as a job of `rt` and returns its cgroup id and latency report.
+fn spawn_traced(rt: &Runtime, command: &[&str]) -> (u64, LatencyReport) {
+    let devnull = || -> std::os::fd::OwnedFd {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .expect("open /dev/null")
+            .into()
+    };
+    let spec = JobSpec {
+        id: JobId::generate(),
+        name: None,
+        labels: Default::default(),
+        command: command.iter().map(OsString::from).collect(),
+        env: Vec::new(),
+        limits: Limits::default(),
+        sandbox: Sandbox::default(),
+    };
+    let stdio = joblet_runtime::Stdio {
+        stdin: None,
+        stdout: devnull(),
+        stderr: devnull(),
+    };
+    let job = rt.spawn(&spec, stdio).expect("spawn the job");
+    let cgroup = job.cgroup_id();
+    let status = job.wait().expect("wait for the job");
+    let (record, report) = job.finish_traced(status, StopReason::default());
+    assert_eq!(record.exit_code, Some(0), "{command:?}: {:?}", record.error);
+    (cgroup, report.expect("a traced job has a latency report"))
+}
+
+#[test]
+fn spawned_jobs_are_measured_without_watch_and_apart_in_a_reused_cgroup() {
+    let Some((_serial, _)) = telemetry() else {
+        return;
+    };
+    // The runtime's own instance: the probes adopt tasks that *this* loader clones into a cgroup.
+    let t = Arc::new(Telemetry::load().expect("load a second instance of the probes"));
+    let state = tempfile::tempdir().expect("state dir");
+    let config = |cgroup_pool| RuntimeConfig {
+        state_dir: state.path().to_owned(),
+        cgroup_pool,
+        ..RuntimeConfig::default()
+    };
+    // Kernels before 6.12 cannot reset memory.peak, so the runtime refuses to pool cgroups there
+    // (and reuse, what the second half checks, cannot happen); spawning without watch still can.
+    let (mut rt, pooled) = match Runtime::new(&config(1)) {
+        Ok(rt) => (rt, true),
+        Err(SpawnError::Cgroup(CgroupError::Unsupported(why))) => {
+            eprintln!("cgroup pool unsupported here ({why}): checking fresh cgroups only");
+            (Runtime::new(&config(0)).expect("create the runtime"), false)
+        }
+        Err(e) => panic!("create the runtime: {e:#?}"),
+    };
+    rt.set_telemetry(Arc::clone(&t));
+
+    // Three processes that each fork and exec, then a single exec, in the same pooled cgroup.
+    let (first_cg, first) = spawn_traced(
+        &rt,
+        &["/bin/sh", "-c", "/bin/true; /bin/true; /bin/true; :"],
+    );
+    let (second_cg, second) = spawn_traced(&rt, &["/bin/true"]);
+    assert_eq!(
+        first_cg == second_cg,
+        pooled,
+        "the pool hands the same cgroup back"
+    );
+    assert_eq!(
+        (first.forks, first.execs, first.exits),
+        (4, 4, 4),
+        "{first:#?}"
+    );
+    assert_eq!(
+        (second.forks, second.execs, second.exits),
+        (1, 1, 1),
+        "nothing of the first job leaks into the second: {second:#?}"
+    );
+    for r in [&first, &second] {
+        assert!(
+            r.command.spawn_to_exec_ns.is_some_and(|ns| ns > 0),
+            "{r:#?}"
+        );
+        assert!(r.command.exec_to_exit_ns.is_some(), "{r:#?}");
+        assert!(r.on_cpu_ns > 0 && r.runq_wait_ns.count >= 1, "{r:#?}");
+        assert_eq!(r.events_lost, 0);
+    }
+    assert_eq!(second.spawn_to_exec_ns.count, 1);
+    assert_eq!(second.exec_to_exit_ns.count, 1);
+    // Finished jobs are forgotten: nothing left to report for the cgroup.
+    assert!(t.finish(second_cg).is_err());
+    let c = t.counters().expect("counters");
+    assert_eq!((c.ringbuf_drops, c.job_map_full), (0, 0));
 }

@@ -55,9 +55,6 @@ pub enum SpawnError {
     /// A cgroup operation failed.
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
-    /// The eBPF probes could not watch the job.
-    #[error("failed to watch the job with the eBPF probes")]
-    Telemetry(#[source] crate::telemetry::TelemetryError),
     /// The seccomp filter could not be built.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
@@ -285,14 +282,10 @@ impl Runtime {
         };
 
         let cgroup = self.cgroups.create(spec.id.as_str(), &spec.limits)?;
-        // The probes must know the cgroup before the first task enters it, or its exec is missed.
-        // A pooled cgroup keeps its id, so watching also resets any state of a previous job.
+        // No syscall: the probes start measuring the job when clone3 puts its first task in the
+        // cgroup (and forget any previous job of a pooled cgroup then).
         if let Some(t) = &self.telemetry {
-            if let Err(e) = t.watch(cgroup.id(), 0) {
-                let _ = cgroup.remove();
-                return Err(SpawnError::Telemetry(e));
-            }
-            let _ = t.mark_spawn(cgroup.id(), crate::telemetry::monotonic_ns());
+            t.mark_spawn(cgroup.id(), crate::telemetry::monotonic_ns());
         }
         let started = Instant::now();
         let started_at_ns = SystemTime::now()
@@ -828,8 +821,8 @@ impl Job {
 
     /// Completes the record from the exit status and the cgroup's accounting, then removes the
     /// job's cgroups. Call after [`Job::wait`] (or a successful [`Job::try_wait`]).
-    pub fn finish(self, status: ExitStatus, reason: StopReason) -> JobRecord {
-        self.finish_traced(status, reason).0
+    pub fn finish(mut self, status: ExitStatus, reason: StopReason) -> JobRecord {
+        self.complete(status, reason)
     }
 
     /// [`Job::finish`], also returning the latency report when the runtime has telemetry (it
@@ -839,7 +832,13 @@ impl Job {
         status: ExitStatus,
         reason: StopReason,
     ) -> (JobRecord, Option<crate::telemetry::LatencyReport>) {
-        let mut latency = None;
+        let record = self.complete(status, reason);
+        let latency = record.latency.clone();
+        (record, latency)
+    }
+
+    /// [`Job::finish`]'s work; leaves the handle without a cgroup, so `Drop` does nothing more.
+    fn complete(&mut self, status: ExitStatus, reason: StopReason) -> JobRecord {
         let wall = self.started.elapsed();
         let mut r = self.record.clone();
         r.wall_ns = wall.as_nanos() as u64;
@@ -858,10 +857,8 @@ impl Job {
         if let Some(cg) = self.cgroup.take() {
             if let Some(t) = &self.telemetry {
                 match t.finish(cg.id()) {
-                    Ok(lat) => {
-                        r.latency = serde_json::to_value(&lat).ok();
-                        latency = Some(lat);
-                    }
+                    // Typed, not a JSON value: it is serialised once, with the record.
+                    Ok(lat) => r.latency = Some(lat),
                     Err(e) => r.error = Some(anyhow_like(&e)),
                 }
             }
@@ -878,7 +875,7 @@ impl Job {
                 r.error.get_or_insert_with(|| anyhow_like(&e));
             }
         }
-        (r, latency)
+        r
     }
 }
 

@@ -1,7 +1,10 @@
 //! The memory layout shared with joblet's eBPF probes: `#[repr(C)]` mirrors of the structs in
 //! `ebpf/joblet.h`, and the `aya::Pod` impls that let aya copy them in and out of BPF maps.
 //!
-//! Those impls are the only unsafe part of the telemetry: `Pod` promises that every bit pattern
+//! It also holds the one BPF syscall aya does not offer for hash maps,
+//! `BPF_MAP_LOOKUP_AND_DELETE_ELEM` ([`lookup_and_delete`]).
+//!
+//! The `Pod` impls are the other unsafe part of the telemetry: `Pod` promises that every bit pattern
 //! is a valid value and that the type has no padding the kernel could leave uninitialised. Both
 //! hold for structs of plain integers with explicit padding fields, which the size assertions
 //! below pin to the C layout (a mismatch fails the build, not the verifier).
@@ -23,6 +26,8 @@ pub(crate) struct Hist {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Job {
+    /// `gen` in C: tells this job from earlier ones in the same cgroup.
+    pub(crate) generation: u64,
     pub(crate) on_cpu_ns: u64,
     pub(crate) voluntary_switches: u64,
     pub(crate) involuntary_switches: u64,
@@ -51,6 +56,7 @@ impl Hist {
 impl Job {
     /// The all-zero entry `watch` inserts.
     pub(crate) const ZERO: Job = Job {
+        generation: 0,
         on_cpu_ns: 0,
         voluntary_switches: 0,
         involuntary_switches: 0,
@@ -81,6 +87,8 @@ pub(crate) const EVENT_FLAG_HAVE_DELTA: u32 = 2;
 pub(crate) const COUNTER_RINGBUF_DROPS: u32 = 0;
 /// `JOBLET_COUNTER_TASK_MAP_FULL`.
 pub(crate) const COUNTER_TASK_MAP_FULL: u32 = 1;
+/// `JOBLET_COUNTER_JOB_MAP_FULL`.
+pub(crate) const COUNTER_JOB_MAP_FULL: u32 = 2;
 
 /// `struct joblet_event`: one ring buffer record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,7 +127,7 @@ impl Event {
 }
 
 const _: () = assert!(size_of::<Hist>() == 24 + 8 * HIST_BUCKETS);
-const _: () = assert!(size_of::<Job>() == 8 * 10 + 8 + 2 * size_of::<Hist>());
+const _: () = assert!(size_of::<Job>() == 8 * 11 + 8 + 2 * size_of::<Hist>());
 
 // SAFETY: `Hist` is `#[repr(C)]`, made only of `u64`s (no padding, every bit pattern valid).
 unsafe impl aya::Pod for Hist {}
@@ -127,6 +135,55 @@ unsafe impl aya::Pod for Hist {}
 // size (asserted above) equals the sum of its fields, so it has no padding, and every bit pattern
 // is a valid value.
 unsafe impl aya::Pod for Job {}
+
+/// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (enum bpf_cmd).
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+
+/// The map element part of `union bpf_attr`.
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Reads and deletes `key`'s entry of the hash map `map` in one syscall (hash maps support it
+/// since 5.14; older kernels fail with `EINVAL` or `ENOTSUPP`, and the caller falls back to a
+/// lookup and a delete). `ENOENT` means no such key.
+pub(crate) fn lookup_and_delete<K: aya::Pod, V: aya::Pod>(
+    map: std::os::fd::BorrowedFd<'_>,
+    key: &K,
+) -> std::io::Result<V> {
+    use std::os::fd::AsRawFd;
+    let mut value = std::mem::MaybeUninit::<V>::uninit();
+    let attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid, fully initialised bpf_attr prefix of the size passed; the kernel
+    // reads `size_of::<K>()` bytes at `key` (a live `&K`) and writes the map's value size, which
+    // is `size_of::<V>()` for the maps this is called on (checked by aya when it opened them as
+    // HashMap<_, K, V>), into `value`, which is that large. `map` is an open fd for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            std::ptr::from_ref(&attr),
+            size_of::<MapElemAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the syscall succeeded, so the kernel filled `value` with the entry; `V: Pod`, so
+    // every bit pattern is a valid `V`.
+    Ok(unsafe { value.assume_init() })
+}
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,6 @@
 //! The probes' log-linear histogram buckets, and the userspace recorder that turns kernel buckets
-//! or exact values into [`Distribution`]s with `hdrhistogram` percentiles.
+//! or exact values into [`Distribution`]s: exact percentiles for up to a thousand values,
+//! `hdrhistogram` ones beyond, bucket midpoints for kernel histograms.
 //!
 //! Bucket scheme (mirrors `bucket_of` in `ebpf/joblet.bpf.c`): values 0..3 get a bucket each; each
 //! power of two `[2^k, 2^(k+1))`, k >= 2, is split into four equal sub-buckets, index
@@ -9,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::sys::bpf::{HIST_BUCKETS, Hist};
 
@@ -35,7 +36,8 @@ pub(crate) fn bucket_bounds(idx: usize) -> (u64, u64) {
 }
 
 /// A latency distribution, in nanoseconds.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Distribution {
     /// Sum of all values (exact).
     pub total: u64,
@@ -54,7 +56,7 @@ pub struct Distribution {
 }
 
 /// One histogram bucket: `count` values in `[from, to)` nanoseconds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bucket {
     /// Inclusive lower bound, ns.
     pub from: u64,
@@ -67,32 +69,45 @@ pub struct Bucket {
 /// hdrhistogram's largest auto-resized value is below `u64::MAX`; no latency comes near this.
 const HDR_CAP: u64 = 1 << 62;
 
+/// Exact values kept before switching to an hdrhistogram. Below it, percentiles are exact and
+/// cost a sort of a few values; hdrhistogram's `value_at_quantile` scans its whole counts array
+/// (thousands of slots at 3 significant digits) and cost ~5% of the spawn rate when every job's
+/// report built four of them.
+const EXACT_CAP: usize = 1024;
+
 /// Accumulates values, exact ones (lifecycle events) or bucketed ones (kernel histograms).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Recorder {
-    hdr: Histogram<u64>,
+    /// The values themselves, while there are at most [`EXACT_CAP`] of them.
+    exact: Vec<u64>,
+    /// Every value, once there were more than [`EXACT_CAP`] (created then, lazily).
+    hdr: Option<Histogram<u64>>,
+    /// A kernel histogram's buckets, with the value each stands for (see `from_kernel`).
+    kernel: Vec<(u64, u64)>,
     total: u64,
     max: u64,
     buckets: BTreeMap<usize, u64>,
 }
 
-impl Default for Recorder {
-    fn default() -> Self {
-        Recorder {
-            // 3 significant digits: 0.1% resolution, auto-resizing up to HDR_CAP.
-            hdr: Histogram::new(3).expect("3 significant digits is a valid hdrhistogram precision"),
-            total: 0,
-            max: 0,
-            buckets: BTreeMap::new(),
-        }
-    }
-}
-
 impl Recorder {
     /// Records one exact value.
     pub(crate) fn record(&mut self, v: u64) {
-        // `record`, not `saturating_record`: the latter clamps to the current (resizable) top.
-        let _ = self.hdr.record(v.min(HDR_CAP));
+        match &mut self.hdr {
+            // `record`, not `saturating_record`: the latter clamps to the current (resizable) top.
+            Some(hdr) => {
+                let _ = hdr.record(v.min(HDR_CAP));
+            }
+            None if self.exact.len() < EXACT_CAP => self.exact.push(v),
+            None => {
+                let mut hdr = Histogram::new(3)
+                    .expect("3 significant digits is a valid hdrhistogram precision");
+                for &x in self.exact.iter().chain([&v]) {
+                    let _ = hdr.record(x.min(HDR_CAP));
+                }
+                self.exact = Vec::new();
+                self.hdr = Some(hdr);
+            }
+        }
         self.total = self.total.saturating_add(v);
         self.max = self.max.max(v);
         *self.buckets.entry(bucket_of(v)).or_default() += 1;
@@ -112,15 +127,14 @@ impl Recorder {
             }
             let (from, mut to) = bucket_bounds(idx);
             if idx == max_bucket {
-                to = to.min(h.max.saturating_add(1));
+                to = to.min(h.max.saturating_add(1)).max(from + 1);
             }
-            let mid = if non_empty == 1 && h.count == n && n != 0 {
+            let mid = if non_empty == 1 && h.count == n {
                 (h.total / n).clamp(from, to - 1)
             } else {
                 from + (to - from) / 2
             };
-            // Saturating: only fails beyond HDR_CAP, which is clamped.
-            let _ = r.hdr.record_n(mid.min(HDR_CAP), n);
+            r.kernel.push((mid, n));
             r.buckets.insert(idx, n);
         }
         r.total = h.total;
@@ -128,15 +142,40 @@ impl Recorder {
         r
     }
 
-    /// The distribution's summary. Percentiles are clamped to the exact maximum, since a bucket
-    /// midpoint can exceed it.
+    /// The value of nearest rank `rank` (1-based) among `count` values.
+    fn at_rank(&self, rank: u64, q: f64) -> u64 {
+        if let Some(hdr) = &self.hdr {
+            return hdr.value_at_quantile(q);
+        }
+        if !self.kernel.is_empty() {
+            let mut seen = 0;
+            for &(value, n) in &self.kernel {
+                seen += n;
+                if seen >= rank {
+                    return value;
+                }
+            }
+            return self.kernel.last().map_or(0, |&(v, _)| v);
+        }
+        let mut sorted = self.exact.clone();
+        sorted.sort_unstable();
+        sorted
+            .get(rank.saturating_sub(1) as usize)
+            .or(sorted.last())
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The distribution's summary. Percentiles are nearest-rank; they are clamped to the exact
+    /// maximum, since a bucket midpoint can exceed it.
     pub(crate) fn distribution(&self) -> Distribution {
         let count = self.buckets.values().sum();
         let q = |q: f64| {
             if count == 0 {
                 0
             } else {
-                self.hdr.value_at_quantile(q).min(self.max)
+                let rank = ((q * count as f64).ceil() as u64).clamp(1, count);
+                self.at_rank(rank, q).min(self.max)
             }
         };
         Distribution {
@@ -250,6 +289,30 @@ mod tests {
         let d = r.distribution();
         assert!(d.p50.abs_diff(700_000) < 1_000, "p50 {}", d.p50);
         assert_eq!(d.max, 15_500_000);
+    }
+
+    #[test]
+    fn many_values_switch_to_hdrhistogram_without_losing_any() {
+        let mut r = Recorder::default();
+        for v in 1..=10_000u64 {
+            r.record(v * 100);
+        }
+        assert!(r.hdr.is_some() && r.exact.is_empty());
+        let d = r.distribution();
+        assert_eq!(d.count, 10_000);
+        assert_eq!(d.total, 10_000 * 10_001 / 2 * 100);
+        assert!(d.p50.abs_diff(500_000) <= 1_000, "p50 {}", d.p50);
+        assert!(d.p99.abs_diff(990_000) <= 2_000, "p99 {}", d.p99);
+    }
+
+    #[test]
+    fn exact_percentiles_are_nearest_rank() {
+        let mut r = Recorder::default();
+        for v in [5, 1, 4, 2, 3] {
+            r.record(v);
+        }
+        let d = r.distribution();
+        assert_eq!((d.p50, d.p90, d.p99, d.max), (3, 5, 5, 5));
     }
 
     #[test]

@@ -1,16 +1,17 @@
 //! Per-job latency telemetry from eBPF probes on the scheduler's tracepoints.
 //!
 //! [`Telemetry::load`] loads and attaches the probes (`ebpf/joblet.bpf.o`, embedded in the
-//! binary) once per process. A job is measured between [`Telemetry::watch`], called once its
-//! cgroup exists and before its first process is cloned into it, and [`Telemetry::finish`],
-//! called after it ended, which returns its [`LatencyReport`] and forgets it.
+//! binary) once per process. A job this process spawns is measured from its clone into its
+//! cgroup (the probes start measuring it by themselves, no syscall: [`Telemetry::mark_spawn`]
+//! before clone3 only records the timestamp) to [`Telemetry::finish`], called after it ended,
+//! which returns its [`LatencyReport`] and forgets it. A job spawned by another process is
+//! measured from [`Telemetry::watch`] on.
 //!
 //! In-kernel aggregation does the heavy lifting: counters and histograms live in a hash map keyed
 //! by the job's cgroup v2 id, so a context switch costs a map update, never a message. Only
 //! lifecycle events (exec, process exit) cross the ring buffer, submitted without waking the
-//! reader unless a quarter of the buffer is pending or the job's command exited; a reader thread
-//! sleeps in `epoll_wait` on the ring buffer's fd. Design and blind spots:
-//! `docs/design/telemetry.md`.
+//! reader unless a quarter of the buffer is pending; a reader thread sleeps in `epoll_wait` on
+//! the ring buffer's fd. Design and blind spots: `docs/design/telemetry.md`.
 
 mod hist;
 mod report;
@@ -18,10 +19,12 @@ mod report;
 use std::collections::HashMap as StdHashMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use aya::maps::{Array, HashMap, MapData, MapError, RingBuf};
+use aya::maps::{Array, HashMap, IterableMap, MapData, MapError, RingBuf};
 use aya::programs::{ProgramError, RawTracePoint};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use rustix::event::epoll;
@@ -30,8 +33,8 @@ pub use hist::{Bucket, Distribution};
 pub use report::{CommandLatency, LatencyReport};
 
 use crate::sys::bpf::{
-    COUNTER_RINGBUF_DROPS, COUNTER_TASK_MAP_FULL, EVENT_EXEC, EVENT_EXIT, EVENT_FLAG_HAVE_DELTA,
-    EVENT_FLAG_LEADER, Event, Job,
+    COUNTER_JOB_MAP_FULL, COUNTER_RINGBUF_DROPS, COUNTER_TASK_MAP_FULL, EVENT_EXEC, EVENT_EXIT,
+    EVENT_FLAG_HAVE_DELTA, EVENT_FLAG_LEADER, Event, Job,
 };
 use report::Lifecycle;
 
@@ -126,6 +129,9 @@ pub struct Counters {
     pub ringbuf_drops: u64,
     /// Per-thread or per-process map updates that failed (map full).
     pub task_map_full: u64,
+    /// Spawns the probes could not start measuring (`jobs` full, 1,024 jobs, or out of memory):
+    /// [`Telemetry::finish`] fails with [`TelemetryError::NotWatched`] for them.
+    pub job_map_full: u64,
     /// Ring buffer records that could not be decoded (probe and loader out of sync).
     pub malformed_events: u64,
     /// Times the reader thread was woken by the probes: with batching, far fewer than events.
@@ -204,6 +210,8 @@ fn record(life: &mut Lifecycle, event: &Event) {
 /// The loaded, attached probes. One per process; share it by reference (`&self` methods).
 pub struct Telemetry {
     jobs: Mutex<HashMap<MapData, u64, Job>>,
+    /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` failed on a hash map (kernel < 5.14): lookup + delete.
+    no_lookup_and_delete: AtomicBool,
     counters: Array<MapData, u64>,
     events: Arc<Mutex<Events>>,
     /// eventfd that tells the reader thread to stop.
@@ -234,7 +242,11 @@ impl Telemetry {
     /// ([`aya::include_bytes_aligned`] or a `Vec<u64>`-backed buffer).
     #[doc(hidden)]
     pub fn load_object(object: &[u8]) -> Result<Telemetry, TelemetryError> {
+        let owner = Owner::current();
         let mut ebpf = EbpfLoader::new()
+            .override_global("owner_tgid", &owner.tgid, true)
+            .override_global("owner_pidns_dev", &owner.pidns_dev, true)
+            .override_global("owner_pidns_ino", &owner.pidns_ino, true)
             .load(object)
             .map_err(|e| TelemetryError::Load(Box::new(e)))?;
         for &(program, tracepoint) in PROGRAMS {
@@ -308,6 +320,7 @@ impl Telemetry {
             .map_err(TelemetryError::Reader)?;
         Ok(Telemetry {
             jobs: Mutex::new(jobs),
+            no_lookup_and_delete: AtomicBool::new(false),
             counters,
             events,
             stop: Arc::new(stop),
@@ -317,12 +330,13 @@ impl Telemetry {
     }
 
     /// Starts measuring the job whose processes run in cgroup v2 `cgroup_id`
-    /// ([`crate::cgroup::JobCgroup::id`]). `spawn_ns` is the [`monotonic_ns`] timestamp of the
-    /// job's clone3 (0 if unknown; see [`Telemetry::mark_spawn`]).
+    /// ([`crate::cgroup::JobCgroup::id`]), forgetting what was measured there before. `spawn_ns`
+    /// is the [`monotonic_ns`] timestamp of the job's clone3 (0 if unknown).
     ///
-    /// Call it after the cgroup exists and before the first process enters it (clone3 with
-    /// `CLONE_INTO_CGROUP`): a process that runs before the job is watched is not measured until
-    /// its next scheduling event, and its exec is missed.
+    /// Not needed for a job this process spawns (see [`Telemetry::mark_spawn`]): `watch` is for
+    /// jobs spawned by another process (`joblet top`) or tasks moved into a cgroup by hand. Call
+    /// it before the first process enters the cgroup, or that process is not measured until its
+    /// next scheduling event, and its exec is missed. One map insert (a syscall).
     pub fn watch(&self, cgroup_id: u64, spawn_ns: u64) -> Result<(), TelemetryError> {
         // Lifecycle first, so no event of the job can arrive before it has a home.
         self.events().jobs.insert(
@@ -332,7 +346,12 @@ impl Telemetry {
                 ..Lifecycle::default()
             },
         );
-        let inserted = self.jobs_map().insert(cgroup_id, Job::ZERO, 0);
+        // Any value unique to this watch tells this job's task entries from older ones.
+        let job = Job {
+            generation: monotonic_ns(),
+            ..Job::ZERO
+        };
+        let inserted = self.jobs_map().insert(cgroup_id, job, 0);
         if let Err(source) = inserted {
             self.events().jobs.remove(&cgroup_id);
             return Err(TelemetryError::Watch { cgroup_id, source });
@@ -340,16 +359,18 @@ impl Telemetry {
         Ok(())
     }
 
-    /// Sets the job's clone3 timestamp when it was not known at [`Telemetry::watch`] time
-    /// (take it with [`monotonic_ns`] right before clone3). Userspace-only, no syscall.
-    pub fn mark_spawn(&self, cgroup_id: u64, spawn_ns: u64) -> Result<(), TelemetryError> {
-        match self.events().jobs.get_mut(&cgroup_id) {
-            Some(life) => {
-                life.spawn_ns = spawn_ns;
-                Ok(())
-            }
-            None => Err(TelemetryError::NotWatched { cgroup_id }),
-        }
+    /// Records that this process is about to spawn a job into cgroup v2 `cgroup_id`, at
+    /// `spawn_ns` ([`monotonic_ns`], taken right before clone3): the command's spawn-to-exec
+    /// figure starts there. No syscall: the probes start measuring the job by themselves when
+    /// this process clones a task into another cgroup than its own (clone3 with
+    /// `CLONE_INTO_CGROUP`), forgetting any earlier job of that cgroup.
+    pub fn mark_spawn(&self, cgroup_id: u64, spawn_ns: u64) {
+        self.events()
+            .jobs
+            .entry(cgroup_id)
+            .and_modify(|life| *life = Lifecycle::default())
+            .or_default()
+            .spawn_ns = spawn_ns;
     }
 
     /// The job's figures so far, for a live view; the job stays watched. On-CPU time of a thread
@@ -366,24 +387,37 @@ impl Telemetry {
     }
 
     /// Stops measuring the job and returns its report. Call it after the job's processes are
-    /// gone (its pid 1 reaped: in a PID namespace the kernel has then killed the rest).
+    /// gone (its pid 1 reaped: in a PID namespace the kernel has then killed the rest). One
+    /// syscall (two on kernels before 5.14).
     pub fn finish(&self, cgroup_id: u64) -> Result<LatencyReport, TelemetryError> {
-        let job = {
-            let mut jobs = self.jobs_map();
-            let job = read_job(&jobs, cgroup_id)?;
-            jobs.remove(&cgroup_id)
-                .map_err(|source| TelemetryError::Read { cgroup_id, source })?;
-            job
-        };
+        let job = self.take_job(cgroup_id);
         let mut events = self.events();
         // Every record of the job was submitted before its processes exited, so one drain after
         // the map read sees them all, whether or not they woke the reader.
         events.drain();
-        let life = events
-            .jobs
-            .remove(&cgroup_id)
-            .ok_or(TelemetryError::NotWatched { cgroup_id })?;
-        Ok(LatencyReport::build(&job, &life))
+        let life = events.jobs.remove(&cgroup_id);
+        drop(events);
+        Ok(LatencyReport::build(&job?, &life.unwrap_or_default()))
+    }
+
+    /// Reads and deletes the job's map entry.
+    fn take_job(&self, cgroup_id: u64) -> Result<Job, TelemetryError> {
+        let jobs = self.jobs_map();
+        if !self.no_lookup_and_delete.load(Ordering::Relaxed) {
+            match crate::sys::bpf::lookup_and_delete(jobs.map().fd().as_fd(), &cgroup_id) {
+                Ok(job) => return Ok(job),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    return Err(TelemetryError::NotWatched { cgroup_id });
+                }
+                // EINVAL, or ENOTSUPP (524, kernel-internal) before 5.14: fall back for good.
+                Err(_) => self.no_lookup_and_delete.store(true, Ordering::Relaxed),
+            }
+        }
+        let mut jobs = jobs;
+        let job = read_job(&jobs, cgroup_id)?;
+        jobs.remove(&cgroup_id)
+            .map_err(|source| TelemetryError::Read { cgroup_id, source })?;
+        Ok(job)
     }
 
     /// Host-wide drop counters.
@@ -397,6 +431,7 @@ impl Telemetry {
         Ok(Counters {
             ringbuf_drops: get(COUNTER_RINGBUF_DROPS, "ringbuf_drops")?,
             task_map_full: get(COUNTER_TASK_MAP_FULL, "task_map_full")?,
+            job_map_full: get(COUNTER_JOB_MAP_FULL, "job_map_full")?,
             malformed_events: events.malformed,
             reader_wakeups: events.wakeups,
         })
@@ -475,6 +510,37 @@ fn read_job(jobs: &HashMap<MapData, u64, Job>, cgroup_id: u64) -> Result<Job, Te
         Ok(job) => Ok(job),
         Err(MapError::KeyNotFound) => Err(TelemetryError::NotWatched { cgroup_id }),
         Err(source) => Err(TelemetryError::Read { cgroup_id, source }),
+    }
+}
+
+/// The loading process as the probes identify it (their `owner_*` globals): a spawn is a task
+/// this process clones into another cgroup.
+struct Owner {
+    /// The tgid in the pid namespace `pidns_*`, or the global tgid when `pidns_ino` is 0.
+    tgid: u32,
+    pidns_dev: u64,
+    pidns_ino: u64,
+}
+
+impl Owner {
+    /// `PROC_PID_INIT_INO`: the initial pid namespace, where getpid() is the global tgid.
+    const INIT_PIDNS_INO: u64 = 0xEFFF_FFFC;
+
+    fn current() -> Owner {
+        let tgid = rustix::process::getpid().as_raw_nonzero().get() as u32;
+        match std::fs::metadata("/proc/self/ns/pid") {
+            Ok(m) if m.ino() != Self::INIT_PIDNS_INO => Owner {
+                tgid,
+                pidns_dev: m.dev(),
+                pidns_ino: m.ino(),
+            },
+            // In the initial namespace (or without /proc: assume it), compare global tgids.
+            _ => Owner {
+                tgid,
+                pidns_dev: 0,
+                pidns_ino: 0,
+            },
+        }
     }
 }
 

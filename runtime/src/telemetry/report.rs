@@ -3,14 +3,15 @@
 
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::hist::{Distribution, Recorder};
 use crate::sys::bpf::Job;
 
 /// Where a job's time went, in nanoseconds. Built from the probes' in-kernel counters and
 /// histograms plus the lifecycle events of the ring buffer.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct LatencyReport {
     /// From spawn to exec, per process exec'd in the job: for the job's command, from the clone3
     /// timestamp given to `watch` to its exec; for a process it forked, from that fork.
@@ -44,7 +45,8 @@ pub struct LatencyReport {
 }
 
 /// The job's command: the process of the job's first exec.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct CommandLatency {
     /// From the clone3 timestamp to the command's exec; `None` if it never exec'd (or no spawn
     /// timestamp was given).
