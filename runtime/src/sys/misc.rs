@@ -139,7 +139,7 @@ pub(crate) fn loopback_up() -> Result<(), Errno> {
     let rc = unsafe {
         libc::ioctl(
             sock.as_fd().as_raw_fd(),
-            libc::SIOCSIFFLAGS,
+            libc::SIOCSIFFLAGS as _,
             &req as *const libc::ifreq,
         )
     };
