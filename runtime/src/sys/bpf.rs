@@ -165,10 +165,11 @@ pub(crate) fn lookup_and_delete<K: aya::Pod, V: aya::Pod>(
         value: value.as_mut_ptr() as u64,
         flags: 0,
     };
-    // SAFETY: `attr` is a valid, fully initialised bpf_attr prefix of the size passed; the kernel
-    // reads `size_of::<K>()` bytes at `key` (a live `&K`) and writes the map's value size, which
-    // is `size_of::<V>()` for the maps this is called on (checked by aya when it opened them as
+    // `attr` is a valid, fully initialised bpf_attr prefix of the size passed; the kernel reads
+    // `size_of::<K>()` bytes at `key` (a live `&K`) and writes the map's value size, which is
+    // `size_of::<V>()` for the maps this is called on (checked by aya when it opened them as
     // HashMap<_, K, V>), into `value`, which is that large. `map` is an open fd for the call.
+    // SAFETY: as just said.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
