@@ -20,11 +20,15 @@ fn joblet_in(state: &Path) -> Command {
 }
 
 /// The job's cgroup directories in every hierarchy.
+/// The job's cgroup directories: `/sys/fs/cgroup/joblet/ID` on a pure v2 host,
+/// `/sys/fs/cgroup/HIERARCHY/joblet/ID` on a hybrid one.
 fn cgroups_of(id: &str) -> Vec<PathBuf> {
-    std::fs::read_dir("/sys/fs/cgroup")
+    let root = Path::new("/sys/fs/cgroup");
+    std::fs::read_dir(root)
         .unwrap()
         .flatten()
         .map(|h| h.path().join("joblet").join(id))
+        .chain([root.join("joblet").join(id)])
         .filter(|p| p.is_dir())
         .collect()
 }
