@@ -433,6 +433,7 @@ int joblet_sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
 	u64 now, cgid;
 	u32 tid, tgid, flags = 0;
 	u64 delta = 0;
+	bool leader = false;
 
 	/* p is the current task. */
 	job = job_of_current(&cgid);
@@ -447,7 +448,7 @@ int joblet_sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
 	if (!job->first_exec_ns) {
 		job->first_exec_ns = now;
 		job->leader_tgid = tgid;
-		flags |= JOBLET_EVENT_LEADER;
+		leader = true;
 	}
 	pe = proc_entry(tgid, cgid, job);
 	if (pe) {
@@ -467,6 +468,14 @@ int joblet_sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
 	if (!task_entry(tid, cgid, job))
 		set_task(NULL, tid, cgid, job, ST_ONCPU, now);
 
+	/* The command's figures go into its job entry: no ring buffer record on every job's path. */
+	if (leader) {
+		if (flags & JOBLET_EVENT_HAVE_DELTA) {
+			job->leader_exec_delta_ns = delta;
+			job->leader_flags |= JOBLET_LEADER_EXEC_DELTA;
+		}
+		return 0;
+	}
 	e = reserve(job);
 	if (!e)
 		return 0;
@@ -521,8 +530,12 @@ int joblet_sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
 	bpf_map_delete_elem(&procs, &tgid);
 	leader = job->first_exec_ns && tgid == job->leader_tgid;
 	if (leader) {
+		if (flags & JOBLET_EVENT_HAVE_DELTA) {
+			job->leader_exit_delta_ns = delta;
+			job->leader_flags |= JOBLET_LEADER_EXIT_DELTA;
+		}
 		job->leader_exit_ns = now;
-		flags |= JOBLET_EVENT_LEADER;
+		return 0;
 	}
 
 	e = reserve(job);
@@ -537,8 +550,8 @@ int joblet_sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
 	e->_pad = 0;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 	/*
-	 * No wakeup even for the job's end: Telemetry::finish drains the ring itself after the
-	 * job is reaped, and a wakeup per job cost ~10% of the spawn rate (docs/PERFORMANCE.md).
+	 * No wakeup: Telemetry::finish drains the ring itself after the job is reaped, and a
+	 * wakeup per job cost ~10% of the spawn rate (docs/PERFORMANCE.md).
 	 */
 	submit(e);
 	return 0;
