@@ -50,6 +50,14 @@ struct joblet_job {
 	 */
 	__u64 leader_exec_delta_ns;
 	__u64 leader_exit_delta_ns;
+	/*
+	 * The process the fork probe started the job with (0 for a watched job, or once it
+	 * exited), and its last exec (0 before). Its fork is the job's start (`gen`). Kept here
+	 * instead of in `procs`: one LRU insert, lookup and delete less per job.
+	 */
+	__u32 origin_tgid;
+	__u32 _pad;
+	__u64 origin_exec_ns;
 	struct joblet_hist runq;
 	struct joblet_hist off_cpu;
 };

@@ -45,6 +45,11 @@ pub(crate) struct Job {
     pub(crate) leader_exec_delta_ns: u64,
     /// The command's exec-to-exit, from its last exec.
     pub(crate) leader_exit_delta_ns: u64,
+    /// The process the fork probe started the job with (probe-internal).
+    pub(crate) origin_tgid: u32,
+    pub(crate) _pad: u32,
+    /// Its last exec (probe-internal).
+    pub(crate) origin_exec_ns: u64,
     pub(crate) runq: Hist,
     pub(crate) off_cpu: Hist,
 }
@@ -76,6 +81,9 @@ impl Job {
         leader_flags: 0,
         leader_exec_delta_ns: 0,
         leader_exit_delta_ns: 0,
+        origin_tgid: 0,
+        _pad: 0,
+        origin_exec_ns: 0,
         runq: Hist::ZERO,
         off_cpu: Hist::ZERO,
     };
@@ -136,7 +144,7 @@ impl Event {
 }
 
 const _: () = assert!(size_of::<Hist>() == 24 + 8 * HIST_BUCKETS);
-const _: () = assert!(size_of::<Job>() == 8 * 13 + 8 + 2 * size_of::<Hist>());
+const _: () = assert!(size_of::<Job>() == 8 * 14 + 8 * 2 + 2 * size_of::<Hist>());
 
 // SAFETY: `Hist` is `#[repr(C)]`, made only of `u64`s (no padding, every bit pattern valid).
 unsafe impl aya::Pod for Hist {}
