@@ -409,10 +409,13 @@ int joblet_sched_process_fork(struct bpf_raw_tracepoint_args *ctx)
 		return 0;
 	pid = BPF_CORE_READ(child, pid);
 	tgid = BPF_CORE_READ(child, tgid);
-	if (pid == tgid) {
-		struct proc_entry pe = { .cgid = cgid, .gen = job->gen };
+	if (pid == tgid && now) {
+		/* The job's first process: its fork and exec times live in the job entry. */
+		job->origin_tgid = tgid;
+		__sync_fetch_and_add(&job->forks, 1);
+	} else if (pid == tgid) {
+		struct proc_entry pe = { .cgid = cgid, .gen = job->gen, .fork_ns = bpf_ktime_get_ns() };
 
-		pe.fork_ns = now ? now : bpf_ktime_get_ns();
 		__sync_fetch_and_add(&job->forks, 1);
 		if (bpf_map_update_elem(&procs, &tgid, &pe, BPF_ANY))
 			count(JOBLET_COUNTER_TASK_MAP_FULL);
@@ -433,6 +436,7 @@ int joblet_sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
 	u64 now, cgid;
 	u32 tid, tgid, flags = 0;
 	u64 delta = 0;
+	bool leader = false;
 
 	/* p is the current task. */
 	job = job_of_current(&cgid);
@@ -447,10 +451,16 @@ int joblet_sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
 	if (!job->first_exec_ns) {
 		job->first_exec_ns = now;
 		job->leader_tgid = tgid;
-		flags |= JOBLET_EVENT_LEADER;
+		leader = true;
 	}
-	pe = proc_entry(tgid, cgid, job);
-	if (pe) {
+	if (tgid == job->origin_tgid) {
+		/* Forked at the job's start (gen); a watched job has no origin (0 is no process's). */
+		if (!job->origin_exec_ns) {
+			delta = now - job->gen;
+			flags |= JOBLET_EVENT_HAVE_DELTA;
+		}
+		job->origin_exec_ns = now;
+	} else if ((pe = proc_entry(tgid, cgid, job))) {
 		if (pe->fork_ns && !pe->exec_ns) {
 			delta = now - pe->fork_ns;
 			flags |= JOBLET_EVENT_HAVE_DELTA;
@@ -467,6 +477,14 @@ int joblet_sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
 	if (!task_entry(tid, cgid, job))
 		set_task(NULL, tid, cgid, job, ST_ONCPU, now);
 
+	/* The command's figures go into its job entry: no ring buffer record on every job's path. */
+	if (leader) {
+		if (flags & JOBLET_EVENT_HAVE_DELTA) {
+			job->leader_exec_delta_ns = delta;
+			job->leader_flags |= JOBLET_LEADER_EXEC_DELTA;
+		}
+		return 0;
+	}
 	e = reserve(job);
 	if (!e)
 		return 0;
@@ -513,16 +531,29 @@ int joblet_sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
 	if (BPF_CORE_READ(p, signal, live.counter) != 0)
 		return 0;
 	__sync_fetch_and_add(&job->exits, 1);
-	pe = proc_entry(tgid, cgid, job);
-	if (pe && pe->exec_ns) {
-		delta = now - pe->exec_ns;
-		flags |= JOBLET_EVENT_HAVE_DELTA;
+	if (tgid == job->origin_tgid) {
+		if (job->origin_exec_ns) {
+			delta = now - job->origin_exec_ns;
+			flags |= JOBLET_EVENT_HAVE_DELTA;
+		}
+		/* A later process of the job may get its tgid (no PID namespace). */
+		job->origin_tgid = 0;
+	} else {
+		pe = proc_entry(tgid, cgid, job);
+		if (pe && pe->exec_ns) {
+			delta = now - pe->exec_ns;
+			flags |= JOBLET_EVENT_HAVE_DELTA;
+		}
+		bpf_map_delete_elem(&procs, &tgid);
 	}
-	bpf_map_delete_elem(&procs, &tgid);
 	leader = job->first_exec_ns && tgid == job->leader_tgid;
 	if (leader) {
+		if (flags & JOBLET_EVENT_HAVE_DELTA) {
+			job->leader_exit_delta_ns = delta;
+			job->leader_flags |= JOBLET_LEADER_EXIT_DELTA;
+		}
 		job->leader_exit_ns = now;
-		flags |= JOBLET_EVENT_LEADER;
+		return 0;
 	}
 
 	e = reserve(job);
@@ -537,8 +568,8 @@ int joblet_sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
 	e->_pad = 0;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 	/*
-	 * No wakeup even for the job's end: Telemetry::finish drains the ring itself after the
-	 * job is reaped, and a wakeup per job cost ~10% of the spawn rate (docs/PERFORMANCE.md).
+	 * No wakeup: Telemetry::finish drains the ring itself after the job is reaped, and a
+	 * wakeup per job cost ~10% of the spawn rate (docs/PERFORMANCE.md).
 	 */
 	submit(e);
 	return 0;

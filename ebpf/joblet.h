@@ -42,7 +42,22 @@ struct joblet_job {
 	__u64 first_exec_ns; /* bpf_ktime_get_ns() of the job's first exec, 0 before */
 	__u64 leader_exit_ns; /* exit of the process that made the first exec, 0 before */
 	__u32 leader_tgid;
+	__u32 leader_flags; /* JOBLET_LEADER_*: which of the two deltas below are valid */
+	/*
+	 * The command's own lifecycle figures, kept here instead of in ring buffer records (which
+	 * cost a reserve and a submit each, on every job): fork-to-exec of its first exec, and
+	 * exec-to-exit (from its last exec).
+	 */
+	__u64 leader_exec_delta_ns;
+	__u64 leader_exit_delta_ns;
+	/*
+	 * The process the fork probe started the job with (0 for a watched job, or once it
+	 * exited), and its last exec (0 before). Its fork is the job's start (`gen`). Kept here
+	 * instead of in `procs`: one LRU insert, lookup and delete less per job.
+	 */
+	__u32 origin_tgid;
 	__u32 _pad;
+	__u64 origin_exec_ns;
 	struct joblet_hist runq;
 	struct joblet_hist off_cpu;
 };
@@ -53,13 +68,17 @@ enum joblet_event_kind {
 };
 
 enum joblet_event_flags {
-	/* The job's command: its first exec, or the exit of the process that made it. */
-	JOBLET_EVENT_LEADER = 1,
+	/* 1 marked the command's records, which are no longer sent (joblet_job.leader_flags). */
 	/* `delta_ns` is valid: fork-to-exec for an exec, exec-to-exit for an exit. */
 	JOBLET_EVENT_HAVE_DELTA = 2,
 };
 
-/* A ring buffer record. */
+enum joblet_leader_flags {
+	JOBLET_LEADER_EXEC_DELTA = 1, /* leader_exec_delta_ns is valid */
+	JOBLET_LEADER_EXIT_DELTA = 2, /* leader_exit_delta_ns is valid */
+};
+
+/* A ring buffer record: the exec or exit of a process of a job other than its command. */
 struct joblet_event {
 	__u64 cgroup_id;
 	__u64 ts_ns;

@@ -39,7 +39,17 @@ pub(crate) struct Job {
     pub(crate) first_exec_ns: u64,
     pub(crate) leader_exit_ns: u64,
     pub(crate) leader_tgid: u32,
+    /// `LEADER_*`: which of the two deltas below are valid.
+    pub(crate) leader_flags: u32,
+    /// The command's fork-to-exec (its first exec), when it was forked in the job.
+    pub(crate) leader_exec_delta_ns: u64,
+    /// The command's exec-to-exit, from its last exec.
+    pub(crate) leader_exit_delta_ns: u64,
+    /// The process the fork probe started the job with (probe-internal).
+    pub(crate) origin_tgid: u32,
     pub(crate) _pad: u32,
+    /// Its last exec (probe-internal).
+    pub(crate) origin_exec_ns: u64,
     pub(crate) runq: Hist,
     pub(crate) off_cpu: Hist,
 }
@@ -68,7 +78,12 @@ impl Job {
         first_exec_ns: 0,
         leader_exit_ns: 0,
         leader_tgid: 0,
+        leader_flags: 0,
+        leader_exec_delta_ns: 0,
+        leader_exit_delta_ns: 0,
+        origin_tgid: 0,
         _pad: 0,
+        origin_exec_ns: 0,
         runq: Hist::ZERO,
         off_cpu: Hist::ZERO,
     };
@@ -78,10 +93,12 @@ impl Job {
 pub(crate) const EVENT_EXEC: u32 = 1;
 /// `JOBLET_EVENT_EXIT`.
 pub(crate) const EVENT_EXIT: u32 = 2;
-/// `JOBLET_EVENT_LEADER`: the job's command (first exec, or the exit of the process that made it).
-pub(crate) const EVENT_FLAG_LEADER: u32 = 1;
 /// `JOBLET_EVENT_HAVE_DELTA`: `delta_ns` is valid.
 pub(crate) const EVENT_FLAG_HAVE_DELTA: u32 = 2;
+/// `JOBLET_LEADER_EXEC_DELTA`: `Job::leader_exec_delta_ns` is valid.
+pub(crate) const LEADER_EXEC_DELTA: u32 = 1;
+/// `JOBLET_LEADER_EXIT_DELTA`: `Job::leader_exit_delta_ns` is valid.
+pub(crate) const LEADER_EXIT_DELTA: u32 = 2;
 
 /// `JOBLET_COUNTER_RINGBUF_DROPS`: index in the `counters` array.
 pub(crate) const COUNTER_RINGBUF_DROPS: u32 = 0;
@@ -127,7 +144,7 @@ impl Event {
 }
 
 const _: () = assert!(size_of::<Hist>() == 24 + 8 * HIST_BUCKETS);
-const _: () = assert!(size_of::<Job>() == 8 * 11 + 8 + 2 * size_of::<Hist>());
+const _: () = assert!(size_of::<Job>() == 8 * 14 + 8 * 2 + 2 * size_of::<Hist>());
 
 // SAFETY: `Hist` is `#[repr(C)]`, made only of `u64`s (no padding, every bit pattern valid).
 unsafe impl aya::Pod for Hist {}
@@ -198,7 +215,7 @@ mod tests {
         raw.extend_from_slice(&42u64.to_ne_bytes()); // delta_ns
         raw.extend_from_slice(&EVENT_EXIT.to_ne_bytes());
         raw.extend_from_slice(&1234u32.to_ne_bytes()); // tgid
-        raw.extend_from_slice(&(EVENT_FLAG_LEADER | EVENT_FLAG_HAVE_DELTA).to_ne_bytes());
+        raw.extend_from_slice(&EVENT_FLAG_HAVE_DELTA.to_ne_bytes());
         raw.extend_from_slice(&0u32.to_ne_bytes()); // _pad
         raw.extend_from_slice(b"sleep\0\0\0\0\0\0\0\0\0\0\0");
         assert_eq!(raw.len(), EVENT_SIZE);
@@ -211,7 +228,7 @@ mod tests {
                 delta_ns: 42,
                 kind: EVENT_EXIT,
                 tgid: 1234,
-                flags: EVENT_FLAG_LEADER | EVENT_FLAG_HAVE_DELTA,
+                flags: EVENT_FLAG_HAVE_DELTA,
                 comm: *b"sleep\0\0\0\0\0\0\0\0\0\0\0",
             }
         );

@@ -76,7 +76,7 @@ const HDR_CAP: u64 = 1 << 62;
 const EXACT_CAP: usize = 1024;
 
 /// Accumulates values, exact ones (lifecycle events) or bucketed ones (kernel histograms).
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Recorder {
     /// The values themselves, while there are at most [`EXACT_CAP`] of them.
     exact: Vec<u64>,

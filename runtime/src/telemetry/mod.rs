@@ -34,7 +34,7 @@ pub use report::{CommandLatency, LatencyReport};
 
 use crate::sys::bpf::{
     COUNTER_JOB_MAP_FULL, COUNTER_RINGBUF_DROPS, COUNTER_TASK_MAP_FULL, EVENT_EXEC, EVENT_EXIT,
-    EVENT_FLAG_HAVE_DELTA, EVENT_FLAG_LEADER, Event, Job,
+    EVENT_FLAG_HAVE_DELTA, Event, Job,
 };
 use report::Lifecycle;
 
@@ -183,26 +183,15 @@ impl Events {
     }
 }
 
+/// Records the exec or exit of a process other than the job's command (whose figures are in the
+/// job's map entry: see [`LatencyReport::build`]).
 fn record(life: &mut Lifecycle, event: &Event) {
-    let leader = event.flags & EVENT_FLAG_LEADER != 0;
-    let delta = (event.flags & EVENT_FLAG_HAVE_DELTA != 0).then_some(event.delta_ns);
+    let Some(delta) = (event.flags & EVENT_FLAG_HAVE_DELTA != 0).then_some(event.delta_ns) else {
+        return;
+    };
     match event.kind {
-        EVENT_EXEC => {
-            // The command's spawn is the clone3 timestamp, not the kernel's fork.
-            let spawn_to_exec = if leader && life.spawn_ns != 0 && event.ts_ns >= life.spawn_ns {
-                Some(event.ts_ns - life.spawn_ns)
-            } else {
-                delta
-            };
-            if let Some(v) = spawn_to_exec {
-                life.spawn_to_exec.record(v);
-            }
-        }
-        EVENT_EXIT => {
-            if let Some(v) = delta {
-                life.exec_to_exit.record(v);
-            }
-        }
+        EVENT_EXEC => life.spawn_to_exec.record(delta),
+        EVENT_EXIT => life.exec_to_exit.record(delta),
         _ => {}
     }
 }
@@ -382,7 +371,9 @@ impl Telemetry {
         let life = events
             .jobs
             .get(&cgroup_id)
-            .ok_or(TelemetryError::NotWatched { cgroup_id })?;
+            .ok_or(TelemetryError::NotWatched { cgroup_id })?
+            .clone();
+        drop(events);
         Ok(LatencyReport::build(&job, life))
     }
 
@@ -397,7 +388,7 @@ impl Telemetry {
         events.drain();
         let life = events.jobs.remove(&cgroup_id);
         drop(events);
-        Ok(LatencyReport::build(&job?, &life.unwrap_or_default()))
+        Ok(LatencyReport::build(&job?, life.unwrap_or_default()))
     }
 
     /// Reads and deletes the job's map entry.

@@ -6,7 +6,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use super::hist::{Distribution, Recorder};
-use crate::sys::bpf::Job;
+use crate::sys::bpf::{Job, LEADER_EXEC_DELTA, LEADER_EXIT_DELTA};
 
 /// Where a job's time went, in nanoseconds. Built from the probes' in-kernel counters and
 /// histograms plus the lifecycle events of the ring buffer.
@@ -56,7 +56,7 @@ pub struct CommandLatency {
 }
 
 /// Lifecycle figures collected from the ring buffer for one job.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Lifecycle {
     /// The clone3 timestamp (CLOCK_MONOTONIC ns), 0 when unknown.
     pub(crate) spawn_ns: u64,
@@ -65,12 +65,25 @@ pub(crate) struct Lifecycle {
 }
 
 impl LatencyReport {
-    pub(crate) fn build(job: &Job, life: &Lifecycle) -> LatencyReport {
+    /// `life` holds the ring buffer's figures of the job's other processes; the command's own
+    /// come from the map entry, which the probes fill instead of sending records for them.
+    pub(crate) fn build(job: &Job, mut life: Lifecycle) -> LatencyReport {
         let command_spawn_to_exec = (life.spawn_ns != 0 && job.first_exec_ns >= life.spawn_ns)
             .then(|| job.first_exec_ns - life.spawn_ns);
         let command_exec_to_exit = (job.first_exec_ns != 0
             && job.leader_exit_ns >= job.first_exec_ns)
             .then(|| job.leader_exit_ns - job.first_exec_ns);
+        // The command's spawn is the clone3 timestamp when known, else the kernel's fork.
+        let leader_spawn_to_exec = command_spawn_to_exec.or_else(|| {
+            (job.first_exec_ns != 0 && job.leader_flags & LEADER_EXEC_DELTA != 0)
+                .then_some(job.leader_exec_delta_ns)
+        });
+        if let Some(v) = leader_spawn_to_exec {
+            life.spawn_to_exec.record(v);
+        }
+        if job.leader_exit_ns != 0 && job.leader_flags & LEADER_EXIT_DELTA != 0 {
+            life.exec_to_exit.record(job.leader_exit_delta_ns);
+        }
         LatencyReport {
             spawn_to_exec_ns: life.spawn_to_exec.distribution(),
             exec_to_exit_ns: life.exec_to_exit.distribution(),
@@ -193,7 +206,7 @@ mod tests {
             spawn_ns: 10_000_000,
             ..Lifecycle::default()
         };
-        let r = LatencyReport::build(&sample_job(), &life);
+        let r = LatencyReport::build(&sample_job(), life);
         assert_eq!(r.command.spawn_to_exec_ns, Some(500));
         assert_eq!(r.command.exec_to_exit_ns, Some(200_000_000));
         assert_eq!(r.off_cpu_ns.total, 200_000_000);
@@ -202,16 +215,43 @@ mod tests {
     }
 
     #[test]
+    fn the_command_joins_the_distributions_from_its_map_entry() {
+        let mut job = sample_job();
+        job.leader_flags = LEADER_EXEC_DELTA | LEADER_EXIT_DELTA;
+        job.leader_exec_delta_ns = 700;
+        job.leader_exit_delta_ns = 150_000_000;
+        let mut life = Lifecycle::default();
+        life.spawn_to_exec.record(5_000);
+        life.exec_to_exit.record(1_000);
+        // Without a spawn timestamp the command's spawn-to-exec is its fork-to-exec.
+        let r = LatencyReport::build(&job, life.clone());
+        assert_eq!(r.spawn_to_exec_ns.count, 2);
+        assert_eq!(r.spawn_to_exec_ns.total, 5_700);
+        assert_eq!(r.exec_to_exit_ns.count, 2);
+        assert_eq!(r.exec_to_exit_ns.total, 150_001_000);
+        // With one, the clone3 timestamp wins.
+        life.spawn_ns = 10_000_000;
+        let r = LatencyReport::build(&job, life);
+        assert_eq!(r.spawn_to_exec_ns.total, 5_500);
+        // No exec, no exit: nothing joins.
+        job.first_exec_ns = 0;
+        job.leader_exit_ns = 0;
+        let r = LatencyReport::build(&job, Lifecycle::default());
+        assert_eq!(r.spawn_to_exec_ns.count, 0);
+        assert_eq!(r.exec_to_exit_ns.count, 0);
+    }
+
+    #[test]
     fn missing_timestamps_give_none_not_garbage() {
         let mut job = sample_job();
         job.leader_exit_ns = 0;
-        let r = LatencyReport::build(&job, &Lifecycle::default());
+        let r = LatencyReport::build(&job, Lifecycle::default());
         assert_eq!(r.command, CommandLatency::default());
     }
 
     #[test]
     fn json_has_the_documented_field_names() {
-        let r = LatencyReport::build(&sample_job(), &Lifecycle::default());
+        let r = LatencyReport::build(&sample_job(), Lifecycle::default());
         let v = serde_json::to_value(&r).expect("serialise");
         for key in [
             "spawn_to_exec_ns",
@@ -236,7 +276,7 @@ mod tests {
 
     #[test]
     fn display_is_a_short_readable_breakdown() {
-        let r = LatencyReport::build(&sample_job(), &Lifecycle::default());
+        let r = LatencyReport::build(&sample_job(), Lifecycle::default());
         let text = r.to_string();
         assert!(
             text.contains("off-CPU         200.0 ms over 1 sleeps"),
