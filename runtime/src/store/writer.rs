@@ -101,30 +101,7 @@ impl LogWriter {
     /// sequence after the last valid chunk. A complete log (end chunk present) is refused, and
     /// so is a log another live writer holds ([`StoreError::Locked`]).
     pub fn open(path: &Path) -> Result<(Self, Recovery), StoreError> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|source| StoreError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
-        let file = OwnedFd::from(file);
-        // Before looking at the tail: a live writer may be extending it.
-        lock(path, &file)?;
-        let file_len = rustix::fs::fstat(&file)
-            .map_err(|e| StoreError::Read {
-                path: path.to_owned(),
-                source: e.into(),
-            })?
-            .st_size as u64;
-        let mut reader = super::reader::LogReader::from_fd(
-            path,
-            file.try_clone().map_err(|source| StoreError::Open {
-                path: path.to_owned(),
-                source,
-            })?,
-        )?;
+        let (file, file_len, mut reader) = open_locked(path)?;
         let mut chunks = 0;
         let mut ended = false;
         let mut last_chunk = 0;
@@ -193,32 +170,10 @@ impl LogWriter {
             seq: end.next_seq,
             reason,
         };
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|source| StoreError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
-        let file = OwnedFd::from(file);
-        lock(path, &file)?;
-        let file_len = rustix::fs::fstat(&file)
-            .map_err(|e| StoreError::Read {
-                path: path.to_owned(),
-                source: e.into(),
-            })?
-            .st_size as u64;
+        let (file, file_len, mut reader) = open_locked(path)?;
         if file_len < end.len || end.len < FILE_HEADER_LEN || end.next_seq == 0 {
             return Err(not_at(format!("the file is {file_len} bytes long")));
         }
-        let mut reader = super::reader::LogReader::from_fd(
-            path,
-            file.try_clone().map_err(|source| StoreError::Open {
-                path: path.to_owned(),
-                source,
-            })?,
-        )?;
         match end.last_chunk {
             None if end.len == FILE_HEADER_LEN && end.next_seq == 1 => {}
             None => return Err(not_at("no last chunk given for a non-empty log".into())),
@@ -511,6 +466,35 @@ impl LogWriter {
 }
 
 /// Takes the writer's exclusive lock on a log, without waiting: a log has one writer.
+/// Opens an existing log read-write under its writer lock (taken before anything looks at the
+/// tail: a live writer may be extending it), with its length and a reader over the same file.
+fn open_locked(path: &Path) -> Result<(OwnedFd, u64, super::reader::LogReader), StoreError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+    let file = OwnedFd::from(file);
+    lock(path, &file)?;
+    let file_len = rustix::fs::fstat(&file)
+        .map_err(|e| StoreError::Read {
+            path: path.to_owned(),
+            source: e.into(),
+        })?
+        .st_size as u64;
+    let reader = super::reader::LogReader::from_fd(
+        path,
+        file.try_clone().map_err(|source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        })?,
+    )?;
+    Ok((file, file_len, reader))
+}
+
 fn lock(path: &Path, file: &OwnedFd) -> Result<(), StoreError> {
     loop {
         match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
