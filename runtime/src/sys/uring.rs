@@ -439,7 +439,7 @@ impl Ring {
             let bytes: &[u8] = match part {
                 Part::Bytes(b) => b,
                 Part::Buf { buf, start, len } => {
-                    &self.data_full(buf)[*start as usize..(*start + *len) as usize]
+                    &self.data(buf)[*start as usize..(*start + *len) as usize]
                 }
             };
             if skip >= bytes.len() {
@@ -462,24 +462,6 @@ impl Ring {
             result,
             buf: None,
             owned: Owned::Write(fd, batch),
-        }
-    }
-
-    /// The whole memory of a buffer the caller holds (not only its data length).
-    fn data_full(&self, buf: &Buf) -> &[u8] {
-        assert_eq!(buf.ring_id, self.id, "buffer of another ring");
-        // Bytes past `len` may be stale but are initialised only if the kernel wrote them;
-        // callers slice within what a read filled (`start + len` of a part never exceeds it).
-        // SAFETY: as in `data`: within the buffer memory, which the kernel does not write while
-        // the caller holds the token.
-        unsafe {
-            std::slice::from_raw_parts(
-                self.bufs
-                    .mem
-                    .as_ptr()
-                    .add(usize::from(buf.bid) * self.bufs.size as usize),
-                buf.len as usize,
-            )
         }
     }
 
