@@ -288,6 +288,29 @@ static __always_inline void submit(struct joblet_event *e)
 }
 
 /*
+ * One lifecycle record of the current task (exec or exit) into the ring buffer, or a lost event
+ * counted on the job. No forced wakeup per job: Telemetry::finish drains the ring itself after
+ * the job is reaped, and a wakeup per job cost ~10% of the spawn rate (docs/PERFORMANCE.md).
+ */
+static __always_inline void emit(struct joblet_job *job, u64 cgid, u64 now, u64 delta, u32 kind,
+				 u32 tgid, u32 flags)
+{
+	struct joblet_event *e = reserve(job);
+
+	if (!e)
+		return;
+	e->cgroup_id = cgid;
+	e->ts_ns = now;
+	e->delta_ns = delta;
+	e->kind = kind;
+	e->tgid = tgid;
+	e->flags = flags;
+	e->_pad = 0;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	submit(e);
+}
+
+/*
  * raw_tracepoint/sched_switch: (bool preempt, prev, next[, unsigned int prev_state since 5.18]),
  * in prev's context: prev is the current task. Host tasks cost two cgroup reads and two failed
  * lookups, no clock read.
@@ -432,7 +455,6 @@ int joblet_sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
 	struct task_struct *p = (struct task_struct *)ctx->args[0];
 	struct joblet_job *job;
 	struct proc_entry *pe;
-	struct joblet_event *e;
 	u64 now, cgid;
 	u32 tid, tgid, flags = 0;
 	u64 delta = 0;
@@ -485,18 +507,7 @@ int joblet_sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
 		}
 		return 0;
 	}
-	e = reserve(job);
-	if (!e)
-		return 0;
-	e->cgroup_id = cgid;
-	e->ts_ns = now;
-	e->delta_ns = delta;
-	e->kind = JOBLET_EVENT_EXEC;
-	e->tgid = tgid;
-	e->flags = flags;
-	e->_pad = 0;
-	bpf_get_current_comm(e->comm, sizeof(e->comm));
-	submit(e);
+	emit(job, cgid, now, delta, JOBLET_EVENT_EXEC, tgid, flags);
 	return 0;
 }
 
@@ -508,7 +519,6 @@ int joblet_sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
 	struct joblet_job *job;
 	struct task_entry *te;
 	struct proc_entry *pe;
-	struct joblet_event *e;
 	u64 now, cgid, delta = 0;
 	u32 tid, tgid, flags = 0;
 	bool leader;
@@ -556,21 +566,6 @@ int joblet_sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
 		return 0;
 	}
 
-	e = reserve(job);
-	if (!e)
-		return 0;
-	e->cgroup_id = cgid;
-	e->ts_ns = now;
-	e->delta_ns = delta;
-	e->kind = JOBLET_EVENT_EXIT;
-	e->tgid = tgid;
-	e->flags = flags;
-	e->_pad = 0;
-	bpf_get_current_comm(e->comm, sizeof(e->comm));
-	/*
-	 * No wakeup: Telemetry::finish drains the ring itself after the job is reaped, and a
-	 * wakeup per job cost ~10% of the spawn rate (docs/PERFORMANCE.md).
-	 */
-	submit(e);
+	emit(job, cgid, now, delta, JOBLET_EVENT_EXIT, tgid, flags);
 	return 0;
 }
