@@ -68,7 +68,7 @@ fn ps_state(state: &Path, id: &str) -> String {
     clippy::zombie_processes,
     reason = "the child is returned to the caller, which waits for it; a panic ends the test"
 )]
-fn start_job(state: &Path, marker: &str) -> (Child, String) {
+pub(crate) fn start_job(state: &Path, marker: &str) -> (Child, String) {
     let before: Vec<String> = job_ids(state);
     let mut run = joblet_in(state)
         .args([
@@ -113,7 +113,7 @@ fn job_ids(state: &Path) -> Vec<String> {
 }
 
 /// SIGKILLs a `joblet run` and waits for its job to die with it (PR_SET_PDEATHSIG).
-fn kill_supervisor(mut run: Child, marker: &str) {
+pub(crate) fn kill_supervisor(mut run: Child, marker: &str) {
     run.kill().unwrap();
     run.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);

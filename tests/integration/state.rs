@@ -204,41 +204,10 @@ fn a_job_dies_with_a_killed_joblet_run_and_is_shown_as_failed() {
     // A killed supervisor cannot remove its job's cgroups: this guard removes them (empty, the
     // job is gone), even when an assertion below fails.
     let _cleanup = RemoveJobCgroups(state.path().to_owned());
-    let marker = format!("sleep 79.{}", std::process::id());
-    let mut run = joblet_in(state.path())
-        .args([
-            "run",
-            "--",
-            "/bin/sh",
-            "-c",
-            &format!("echo started; {marker}"),
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = [0u8; 8];
-    run.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
-    assert_eq!(&first, b"started\n");
-    // The job can print before joblet has written its `running` record: wait for the record.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_dir(state.path().join("jobs"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|e| e.path().join("record.json").exists())
-    {
-        assert!(Instant::now() < deadline, "no record was written");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    run.kill().unwrap();
-    run.wait().unwrap();
-    let id = only_job_id(state.path());
+    let marker = format!("79.{}", std::process::id());
+    let (run, id) = crate::gc::start_job(state.path(), &marker);
     // The job died with its supervisor (PR_SET_PDEATHSIG): no process of it is left.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !crate::lifecycle::host_processes_with(&marker).is_empty() {
-        assert!(Instant::now() < deadline, "the job outlived its joblet run");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    crate::gc::kill_supervisor(run, &marker);
     let ps = joblet_in(state.path())
         .args(["ps", "--all"])
         .output()
