@@ -20,7 +20,9 @@
 //! the number of jobs all threads completed divided by the wall time of the measurement.
 //!
 //! The machine may be shared with other work, so the modes of each (program, threads)
-//! cell run interleaved, in several rounds, and the ratios compare numbers taken seconds apart.
+//! cell run interleaved, in several rounds (every other round in reverse order, so that drift and
+//! any effect of the preceding mode cancel out), and the ratios compare numbers taken seconds
+//! apart.
 //!
 //! `cargo bench --bench spawn`. Needs root (prints why and exits 0 otherwise). Environment:
 //! - `JOBLET_BENCH_SECS` (default 1.5): seconds per mode and cell in each round;
@@ -30,9 +32,10 @@
 //!   `ns`, `pooled`, `fresh`, `notemplate`, `traced` (e.g. `pooled,traced` for telemetry on vs off);
 //! - `JOBLET_BENCH_BPF_STATS=1`: per-program BPF run time of the traced cells.
 //!
-//! Telemetry "off" means no probes attached at all: the traced cells load the probes before
-//! their warm-up and detach them (drop) after their measurement, so the other modes never pay
-//! for the probes' filter on the host's context switches.
+//! Telemetry "off" means no probes attached at all: the probes are loaded once, before the
+//! first cell, and attached only for the traced cells (before their warm-up, detached after
+//! their measurement), so the other modes never pay for the probes' filter on the host's context
+//! switches, and no mode pays for loading or freeing them.
 //!
 //! It creates its own state dir (a temp dir) and removes it, and its cgroups are removed by the
 //! runtime (a pool's idle sets when its runtime is dropped).
@@ -47,7 +50,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use joblet_runtime::job::{Bind, JobId, JobSpec, Limits, Sandbox};
 use joblet_runtime::spawn::ExitStatus;
-use joblet_runtime::telemetry::{Counters, Telemetry};
+use joblet_runtime::telemetry::Telemetry;
 use joblet_runtime::testsupport;
 use joblet_runtime::{Runtime, RuntimeConfig, Stdio, StopReason};
 
@@ -120,6 +123,8 @@ struct Cell {
     elapsed: Duration,
     /// CPU time of this process and its reaped children (the jobs), in clock ticks.
     cpu_ticks: u64,
+    /// Busy ticks of the whole host (every CPU, kernel threads included).
+    host_ticks: u64,
     latency_ns: Histogram<u64>,
 }
 
@@ -128,6 +133,7 @@ impl Cell {
         Cell {
             rounds: Vec::new(),
             cpu_ticks: 0,
+            host_ticks: 0,
             jobs: 0,
             elapsed: Duration::ZERO,
             latency_ns: Histogram::new_with_bounds(1_000, 10_000_000_000, 3)
@@ -145,7 +151,11 @@ impl Cell {
 }
 
 /// Telemetry on vs off (the budget: at most 3% throughput loss, 0 lost events).
-fn print_telemetry(results: &[(&str, usize, [Cell; MODES])], bpf_stats: bool) {
+fn print_telemetry(
+    results: &[(&str, usize, [Cell; MODES])],
+    telemetry: Option<&Telemetry>,
+    bpf_stats: bool,
+) {
     let pos = |m: Mode| Mode::ALL.iter().position(|x| *x == m).expect("mode");
     println!("\ntelemetry on vs off (pooled cgroups):");
     for (label, n, cells) in results {
@@ -188,12 +198,23 @@ fn print_telemetry(results: &[(&str, usize, [Cell; MODES])], bpf_stats: bool) {
             cpu_on * tick_us,
             100.0 * (cpu_on - cpu_off) / cpu_off
         );
+        let (host_off, host_on) = (
+            off.host_ticks as f64 / off.jobs as f64,
+            on.host_ticks as f64 / on.jobs as f64,
+        );
+        println!(
+            "  {:<14} {:>10} host CPU per job: {:>6.0} us off, {:>6.0} us on: {:+.1}% (every CPU, kernel threads included)",
+            "",
+            "",
+            host_off * tick_us,
+            host_on * tick_us,
+            100.0 * (host_on - host_off) / host_off
+        );
     }
-    let guard = TOTALS.lock().expect("totals lock");
-    let Some(totals) = guard.as_ref() else {
+    let Some(t) = telemetry else {
         return;
     };
-    let c = totals.counters;
+    let c = t.counters().expect("telemetry counters");
     let traced = TRACED_JOBS.load(Ordering::Relaxed);
     println!(
         "  {traced} traced jobs, {} events lost in them; ring buffer drops {}, task map full {}, reader wakeups {}",
@@ -207,7 +228,8 @@ fn print_telemetry(results: &[(&str, usize, [Cell; MODES])], bpf_stats: bool) {
         return;
     }
     let mut sum = 0;
-    for &(tracepoint, runs, ns) in &totals.programs {
+    for p in t.program_stats().expect("BPF program stats") {
+        let (tracepoint, runs, ns) = (p.tracepoint, p.run_count, p.run_time_ns);
         sum += ns;
         println!(
             "  bpf {tracepoint:<22} {runs:>10} runs {:>8.1} ms total {:>6} ns/run",
@@ -226,39 +248,6 @@ fn print_telemetry(results: &[(&str, usize, [Cell; MODES])], bpf_stats: bool) {
 /// Jobs measured with telemetry on, and the ring-buffer events they lost.
 static TRACED_JOBS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static EVENTS_LOST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Counters and per-program BPF run time summed over the traced cells (each loads its own probes).
-#[derive(Default)]
-struct TracedTotals {
-    counters: Counters,
-    /// (tracepoint, runs, run time ns).
-    programs: Vec<(&'static str, u64, u64)>,
-}
-
-static TOTALS: std::sync::Mutex<Option<TracedTotals>> = std::sync::Mutex::new(None);
-
-fn add_totals(t: &Telemetry) {
-    let c = t.counters().expect("telemetry counters");
-    let mut guard = TOTALS.lock().expect("totals lock");
-    let totals = guard.get_or_insert_with(TracedTotals::default);
-    totals.counters.ringbuf_drops += c.ringbuf_drops;
-    totals.counters.task_map_full += c.task_map_full;
-    totals.counters.malformed_events += c.malformed_events;
-    totals.counters.reader_wakeups += c.reader_wakeups;
-    if let Ok(stats) = t.program_stats() {
-        for p in stats {
-            match totals.programs.iter_mut().find(|e| e.0 == p.tracepoint) {
-                Some(e) => {
-                    e.1 += p.run_count;
-                    e.2 += p.run_time_ns;
-                }
-                None => totals
-                    .programs
-                    .push((p.tracepoint, p.run_count, p.run_time_ns)),
-            }
-        }
-    }
-}
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     match std::env::var(name) {
@@ -323,13 +312,23 @@ fn main() {
         std::fs::write(stats_path, "1").expect("enable kernel.bpf_stats_enabled");
     }
     print_context(secs, rounds, &threads, &noop);
+    // Loaded once (tens of ms of verification and map allocation), attached per traced cell.
+    let telemetry = modes.contains(&Mode::PooledTraced).then(|| {
+        let t = Telemetry::load().expect("load the eBPF probes");
+        t.set_attached(false).expect("detach the eBPF probes");
+        std::sync::Arc::new(t)
+    });
     let floor = FloorCgroup::create();
     let mut results = Vec::new();
     for program in &programs {
         for &n in &threads {
             let mut cells = std::array::from_fn(|_| Cell::new());
-            for _ in 0..rounds {
-                for (i, mode) in Mode::ALL.into_iter().enumerate() {
+            for round in 0..rounds {
+                let mut order: Vec<(usize, Mode)> = Mode::ALL.into_iter().enumerate().collect();
+                if round % 2 == 1 {
+                    order.reverse();
+                }
+                for (i, mode) in order {
                     if !modes.contains(&mode) {
                         continue;
                     }
@@ -337,6 +336,7 @@ fn main() {
                         program,
                         state: state.path(),
                         floor_cgroup: floor.fd.as_fd(),
+                        telemetry: telemetry.as_ref(),
                     };
                     run_cell(mode, &target, n, per_cell, &mut cells[i]);
                 }
@@ -346,7 +346,7 @@ fn main() {
     }
     floor.remove();
     print_table(&results);
-    print_telemetry(&results, bpf_stats);
+    print_telemetry(&results, telemetry.as_deref(), bpf_stats);
     if bpf_stats {
         let _ = std::fs::write(stats_path, stats_before.trim());
     }
@@ -395,6 +395,8 @@ struct Target<'a> {
     program: &'a Program,
     state: &'a Path,
     floor_cgroup: std::os::fd::BorrowedFd<'a>,
+    /// The probes, detached outside the traced cells.
+    telemetry: Option<&'a std::sync::Arc<Telemetry>>,
 }
 
 /// Runs `mode` with `threads` spawning threads for `dur` (after a short warm-up) into `cell`.
@@ -403,10 +405,12 @@ fn run_cell(mode: Mode, target: &Target<'_>, threads: usize, dur: Duration, cell
         program,
         state,
         floor_cgroup,
+        telemetry,
     } = *target;
-    // Loaded per traced cell (tens of ms, outside the measurement) and dropped at its end.
-    let telemetry = (mode == Mode::PooledTraced)
-        .then(|| std::sync::Arc::new(Telemetry::load().expect("load the eBPF probes")));
+    let telemetry = telemetry.filter(|_| mode == Mode::PooledTraced);
+    if let Some(t) = telemetry {
+        t.set_attached(true).expect("attach the eBPF probes");
+    }
     let runtime = match mode {
         Mode::Bare | Mode::NsCgroup => None,
         Mode::Pooled | Mode::Fresh | Mode::PooledNoTemplate | Mode::PooledTraced => Some({
@@ -422,7 +426,7 @@ fn run_cell(mode: Mode, target: &Target<'_>, threads: usize, dur: Duration, cell
             })
             .expect("create the runtime");
             if let Some(t) = &telemetry {
-                rt.set_telemetry(t.clone());
+                rt.set_telemetry(std::sync::Arc::clone(t));
             }
             rt
         }),
@@ -490,7 +494,7 @@ fn run_cell(mode: Mode, target: &Target<'_>, threads: usize, dur: Duration, cell
             })
             .collect();
         start.wait();
-        let cpu0 = cpu_ticks();
+        let (cpu0, host0) = (cpu_ticks(), host_busy_ticks());
         let t0 = Instant::now();
         std::thread::sleep(dur);
         stop.store(true, Ordering::Relaxed);
@@ -500,16 +504,17 @@ fn run_cell(mode: Mode, target: &Target<'_>, threads: usize, dur: Duration, cell
             .collect();
         // Jobs in flight when `stop` was set finish after `dur`: count the time they took.
         let elapsed = t0.elapsed();
-        let cpu = cpu_ticks() - cpu0;
+        let cpu = (cpu_ticks() - cpu0, host_busy_ticks() - host0);
         let jobs = hists.iter().map(|h| h.len()).sum::<u64>();
         (jobs, elapsed, cpu, hists)
     });
     drop(runtime);
     if let Some(t) = telemetry {
-        add_totals(&t);
+        t.set_attached(false).expect("detach the eBPF probes");
     }
     cell.rounds.push(jobs as f64 / elapsed.as_secs_f64());
-    cell.cpu_ticks += cpu;
+    cell.cpu_ticks += cpu.0;
+    cell.host_ticks += cpu.1;
     cell.jobs += jobs;
     cell.elapsed += elapsed;
     for h in hists {
@@ -520,6 +525,20 @@ fn run_cell(mode: Mode, target: &Target<'_>, threads: usize, dur: Duration, cell
 /// utime + stime + cutime + cstime of this process from /proc/self/stat, in clock ticks: the
 /// spawning threads, the telemetry reader and every job reaped so far (its setup before exec
 /// runs in the child).
+/// Busy time of every CPU so far, in clock ticks: /proc/stat's `cpu` line without idle and
+/// iowait (user, nice, system, irq, softirq, steal).
+fn host_busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").expect("read /proc/stat");
+    let cpu = stat.lines().next().expect("/proc/stat has a cpu line");
+    cpu.split_whitespace()
+        .skip(1)
+        .take(8)
+        .enumerate()
+        .filter(|&(i, _)| i != 3 && i != 4)
+        .map(|(_, f)| f.parse::<u64>().expect("numeric CPU times"))
+        .sum()
+}
+
 fn cpu_ticks() -> u64 {
     let stat = std::fs::read_to_string("/proc/self/stat").expect("read /proc/self/stat");
     // Fields after the command name (which may contain spaces), from field 3 (state) on.

@@ -6,7 +6,11 @@
  * the raw tracepoint's task_struct arguments, never to whichever task is current: sched_wakeup
  * and sched_switch run in another task's context. A task belongs to a job when its cgroup v2 id
  * (task->cgroups->dfl_cgrp->kn->id, read with CO-RE, or bpf_get_current_cgroup_id() when the
- * task is the current one) is a key of `jobs`, so host tasks are filtered out by one hash lookup.
+ * task is the current one) is a key of `jobs`. Events in the task's own context (switch-out,
+ * fork, exec, exit) filter host tasks by that cgroup id; events about another task (switch-in,
+ * wakeups) first look the task up in `tasks`, keyed by its task_struct address, which the fork
+ * probe and the task's first switch-out fill in: one hash lookup and no CO-RE read for a host
+ * task, and the cgroup is read only to confirm a hit.
  * A job's entry is made by the fork probe when the loading process clones a task into another
  * cgroup (joblet's spawn: clone3 with CLONE_INTO_CGROUP), so the spawn path makes no syscall for
  * it; userspace can also make one for a job it did not spawn (`watch`).
@@ -44,11 +48,12 @@ enum {
 };
 
 /*
- * Entries carry the cgroup id they were made for. Cgroup ids are not reused within a boot, so
- * an entry whose id differs from the task's current one is stale (left by a task that exited
- * after its job stopped being watched, its tid since recycled) and is treated as absent. That
- * makes cleanup at exit an optimisation for watched tasks only, and the maps are LRU so stale
- * entries are evicted under pressure instead of filling them.
+ * Entries carry the cgroup id and job generation they were made for, and a hit is confirmed
+ * against the task's current cgroup and its job: an entry of a task that left the job, or of a
+ * task that exited after its job was finished (its task_struct since reused), is stale and is
+ * dropped or replaced, never counted. Entries are deleted at a job task's exit and last switch;
+ * the maps are LRU, so stale entries missed by that are evicted under pressure instead of
+ * filling them.
  */
 struct task_entry {
 	u64 cgid;
@@ -84,7 +89,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 32768);
-	__type(key, u32); /* tid */
+	__type(key, u64); /* the task_struct's address */
 	__type(value, struct task_entry);
 } tasks SEC(".maps");
 
@@ -114,12 +119,52 @@ static __always_inline void count(u32 which)
 		__sync_fetch_and_add(c, 1);
 }
 
-/* The thread's entry if it was made for this job (cgroup and generation). */
-static __always_inline struct task_entry *task_entry(u32 tid, u64 cgid, struct joblet_job *job)
+static __always_inline u64 cgroup_of(struct task_struct *t)
 {
-	struct task_entry *te = bpf_map_lookup_elem(&tasks, &tid);
+	return BPF_CORE_READ(t, cgroups, dfl_cgrp, kn, id);
+}
+
+/* The key of a task in `tasks`: its task_struct's address. */
+static __always_inline u64 task_key(struct task_struct *t)
+{
+	return (u64)t;
+}
+
+/* The thread's entry if it was made for this job (cgroup and generation). */
+static __always_inline struct task_entry *task_entry(u64 *key, u64 cgid, struct joblet_job *job)
+{
+	struct task_entry *te = bpf_map_lookup_elem(&tasks, key);
 
 	return te && te->cgid == cgid && te->gen == job->gen ? te : NULL;
+}
+
+/*
+ * The job of task `t`, which is not the current task, with `*te` its entry, for the events that
+ * fire in another task's context (switch-in, wakeups). Tasks without an entry are not looked at
+ * further: a host task costs one lookup. A job task has one from its fork, or from its first
+ * switch-out as a job task (a task moved into the job's cgroup, or running when the job was
+ * watched: it is measured from then on). A hit is confirmed by the task's cgroup: an entry of a
+ * task that left the job is dropped, one of an earlier job in the same cgroup is replaced
+ * (`*te` NULL).
+ */
+static __always_inline struct joblet_job *job_of_other(struct task_struct *t, u64 *key, u64 *cgid,
+							struct task_entry **te)
+{
+	struct joblet_job *job;
+
+	*te = bpf_map_lookup_elem(&tasks, key);
+	if (!*te)
+		return NULL;
+	*cgid = cgroup_of(t);
+	job = bpf_map_lookup_elem(&jobs, cgid);
+	if (!job) {
+		bpf_map_delete_elem(&tasks, key);
+		*te = NULL;
+		return NULL;
+	}
+	if ((*te)->cgid != *cgid || (*te)->gen != job->gen)
+		*te = NULL;
+	return job;
 }
 
 /* The process's entry if it was made for this job. */
@@ -130,18 +175,7 @@ static __always_inline struct proc_entry *proc_entry(u32 tgid, u64 cgid, struct 
 	return pe && pe->cgid == cgid && pe->gen == job->gen ? pe : NULL;
 }
 
-static __always_inline u64 cgroup_of(struct task_struct *t)
-{
-	return BPF_CORE_READ(t, cgroups, dfl_cgrp, kn, id);
-}
-
-static __always_inline struct joblet_job *job_of(struct task_struct *t, u64 *cgid)
-{
-	*cgid = cgroup_of(t);
-	return bpf_map_lookup_elem(&jobs, cgid);
-}
-
-/* job_of() for the current task: one helper call instead of four CO-RE reads. */
+/* The job of the current task: one helper call (another task's cgroup takes four CO-RE reads). */
 static __always_inline struct joblet_job *job_of_current(u64 *cgid)
 {
 	*cgid = bpf_get_current_cgroup_id();
@@ -245,7 +279,7 @@ static __always_inline void hist_add(struct joblet_hist *h, u64 v)
  * thread's transitions are serialised by the scheduler (its wakeup waits for the switch-out to
  * finish, see p->on_cpu in try_to_wake_up), so no reader sees a half-written entry that matters.
  */
-static __always_inline void set_task(struct task_entry *te, u32 tid, u64 cgid,
+static __always_inline void set_task(struct task_entry *te, u64 *key, u64 cgid,
 				     struct joblet_job *job, u32 state, u64 ts)
 {
 	struct task_entry e = { .cgid = cgid, .gen = job->gen, .ts = ts, .state = state };
@@ -255,7 +289,7 @@ static __always_inline void set_task(struct task_entry *te, u32 tid, u64 cgid,
 		te->state = state;
 		return;
 	}
-	if (bpf_map_update_elem(&tasks, &tid, &e, BPF_ANY))
+	if (bpf_map_update_elem(&tasks, key, &e, BPF_ANY))
 		count(JOBLET_COUNTER_TASK_MAP_FULL);
 }
 
@@ -312,8 +346,8 @@ static __always_inline void emit(struct joblet_job *job, u64 cgid, u64 now, u64 
 
 /*
  * raw_tracepoint/sched_switch: (bool preempt, prev, next[, unsigned int prev_state since 5.18]),
- * in prev's context: prev is the current task. Host tasks cost two cgroup reads and two failed
- * lookups, no clock read.
+ * in prev's context: prev is the current task. Host tasks cost a cgroup id (one helper call) and
+ * two failed lookups, no clock read.
  */
 SEC("raw_tracepoint/sched_switch")
 int joblet_sched_switch(struct bpf_raw_tracepoint_args *ctx)
@@ -323,40 +357,37 @@ int joblet_sched_switch(struct bpf_raw_tracepoint_args *ctx)
 	struct task_struct *next = (struct task_struct *)ctx->args[2];
 	struct joblet_job *job;
 	struct task_entry *te;
-	u64 cgid, now = 0;
-	u32 tid;
+	u64 cgid, key, now = 0;
 
 	job = job_of_current(&cgid);
 	if (job) {
 		now = bpf_ktime_get_ns();
-		tid = (u32)bpf_get_current_pid_tgid();
-		te = task_entry(tid, cgid, job);
+		key = task_key(prev);
+		te = task_entry(&key, cgid, job);
 		if (te && te->state == ST_ONCPU)
 			__sync_fetch_and_add(&job->on_cpu_ns, now - te->ts);
 		if (BPF_CORE_READ(prev, exit_state)) {
 			/*
 			 * The task's last switch. sched_process_exit dropped its entry, but a
 			 * preemption or sleep between that tracepoint and exit_notify() may have
-			 * made a new one: drop it too, or a recycled tid would inherit it.
+			 * made a new one: drop it, stale or not, before the task_struct is reused.
 			 */
-			if (te)
-				bpf_map_delete_elem(&tasks, &tid);
+			bpf_map_delete_elem(&tasks, &key);
 		} else if (!preempt && task_state(prev) != 0) {
 			/* The kernel's own rule for nvcsw / nivcsw in __schedule(). */
 			__sync_fetch_and_add(&job->voluntary_switches, 1);
-			set_task(te, tid, cgid, job, ST_BLOCKED, now);
+			set_task(te, &key, cgid, job, ST_BLOCKED, now);
 		} else {
 			__sync_fetch_and_add(&job->involuntary_switches, 1);
-			set_task(te, tid, cgid, job, ST_RUNQ, now);
+			set_task(te, &key, cgid, job, ST_RUNQ, now);
 		}
 	}
 
-	job = job_of(next, &cgid);
+	key = task_key(next);
+	job = job_of_other(next, &key, &cgid, &te);
 	if (job) {
 		if (!now)
 			now = bpf_ktime_get_ns();
-		tid = BPF_CORE_READ(next, pid);
-		te = task_entry(tid, cgid, job);
 		if (te && te->ts) {
 			if (te->state == ST_RUNQ)
 				hist_add(&job->runq, now - te->ts);
@@ -364,7 +395,7 @@ int joblet_sched_switch(struct bpf_raw_tracepoint_args *ctx)
 				/* Its wakeup was missed (watch() came in between): charge the gap as off-CPU. */
 				hist_add(&job->off_cpu, now - te->ts);
 		}
-		set_task(te, tid, cgid, job, ST_ONCPU, now);
+		set_task(te, &key, cgid, job, ST_ONCPU, now);
 	}
 	return 0;
 }
@@ -373,15 +404,12 @@ static __always_inline int on_wakeup(struct task_struct *p)
 {
 	struct joblet_job *job;
 	struct task_entry *te;
-	u64 now, cgid;
-	u32 tid;
+	u64 now, cgid, key = task_key(p);
 
-	job = job_of(p, &cgid);
+	job = job_of_other(p, &key, &cgid, &te);
 	if (!job)
 		return 0;
 	now = bpf_ktime_get_ns();
-	tid = BPF_CORE_READ(p, pid);
-	te = task_entry(tid, cgid, job);
 	if (te) {
 		/* A wakeup of a task that has not switched out yet cancels its sleep: nothing waits. */
 		if (te->state == ST_ONCPU || te->state == ST_RUNQ)
@@ -389,7 +417,7 @@ static __always_inline int on_wakeup(struct task_struct *p)
 		if (te->state == ST_BLOCKED && te->ts)
 			hist_add(&job->off_cpu, now - te->ts);
 	}
-	set_task(te, tid, cgid, job, ST_RUNQ, now);
+	set_task(te, &key, cgid, job, ST_RUNQ, now);
 	return 0;
 }
 
@@ -400,7 +428,11 @@ int joblet_sched_wakeup(struct bpf_raw_tracepoint_args *ctx)
 	return on_wakeup((struct task_struct *)ctx->args[0]);
 }
 
-/* raw_tracepoint/sched_wakeup_new: (struct task_struct *p), a new task's first enqueue. */
+/*
+ * raw_tracepoint/sched_wakeup_new: (struct task_struct *p), a new task's first enqueue. A job's
+ * new task has the entry the fork probe made; tasks created without that tracepoint (io_uring
+ * workers) are measured from their first switch-out.
+ */
 SEC("raw_tracepoint/sched_wakeup_new")
 int joblet_sched_wakeup_new(struct bpf_raw_tracepoint_args *ctx)
 {
@@ -408,15 +440,16 @@ int joblet_sched_wakeup_new(struct bpf_raw_tracepoint_args *ctx)
 }
 
 /*
- * raw_tracepoint/sched_process_fork: (parent, child), in the parent's context. A child cloned by
- * the owner into another cgroup than the owner's starts a job there.
+ * raw_tracepoint/sched_process_fork: (parent, child), in the parent's context, for every new
+ * process and thread. A child cloned by the owner into another cgroup than the owner's starts a
+ * job there. Every new task of a job gets its entry in `tasks` here, before its first wakeup.
  */
 SEC("raw_tracepoint/sched_process_fork")
 int joblet_sched_process_fork(struct bpf_raw_tracepoint_args *ctx)
 {
 	struct task_struct *child = (struct task_struct *)ctx->args[1];
 	struct joblet_job *job;
-	u64 cgid, now;
+	u64 cgid, now, key = task_key(child);
 	u32 pid, tgid;
 
 	/* The child's cgroup, not the parent's: with CLONE_INTO_CGROUP they differ. */
@@ -430,6 +463,7 @@ int joblet_sched_process_fork(struct bpf_raw_tracepoint_args *ctx)
 	}
 	if (!job)
 		return 0;
+	set_task(NULL, &key, cgid, job, ST_UNKNOWN, 0);
 	pid = BPF_CORE_READ(child, pid);
 	tgid = BPF_CORE_READ(child, tgid);
 	if (pid == tgid && now) {
@@ -455,8 +489,8 @@ int joblet_sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
 	struct task_struct *p = (struct task_struct *)ctx->args[0];
 	struct joblet_job *job;
 	struct proc_entry *pe;
-	u64 now, cgid;
-	u32 tid, tgid, flags = 0;
+	u64 now, cgid, key = task_key(p);
+	u32 tgid, flags = 0;
 	u64 delta = 0;
 	bool leader = false;
 
@@ -465,8 +499,7 @@ int joblet_sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
 	if (!job)
 		return 0;
 	now = bpf_ktime_get_ns();
-	tid = BPF_CORE_READ(p, pid);
-	tgid = BPF_CORE_READ(p, tgid);
+	tgid = (u32)(bpf_get_current_pid_tgid() >> 32);
 	__sync_fetch_and_add(&job->execs, 1);
 
 	/* Jobs start as a single process, so two first execs cannot race. */
@@ -496,8 +529,8 @@ int joblet_sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
 			count(JOBLET_COUNTER_TASK_MAP_FULL);
 	}
 	/* The task is running: start its on-CPU interval if it was never switched in as a job task. */
-	if (!task_entry(tid, cgid, job))
-		set_task(NULL, tid, cgid, job, ST_ONCPU, now);
+	if (!task_entry(&key, cgid, job))
+		set_task(NULL, &key, cgid, job, ST_ONCPU, now);
 
 	/* The command's figures go into its job entry: no ring buffer record on every job's path. */
 	if (leader) {
@@ -519,8 +552,8 @@ int joblet_sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
 	struct joblet_job *job;
 	struct task_entry *te;
 	struct proc_entry *pe;
-	u64 now, cgid, delta = 0;
-	u32 tid, tgid, flags = 0;
+	u64 now, cgid, delta = 0, key = task_key(p);
+	u32 tgid, flags = 0;
 	bool leader;
 
 	/* p is the current task. Host tasks return here; entries of tasks outliving their job are
@@ -529,13 +562,12 @@ int joblet_sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
 	if (!job)
 		return 0;
 	now = bpf_ktime_get_ns();
-	tid = BPF_CORE_READ(p, pid);
-	tgid = BPF_CORE_READ(p, tgid);
-	te = task_entry(tid, cgid, job);
+	tgid = (u32)(bpf_get_current_pid_tgid() >> 32);
+	te = task_entry(&key, cgid, job);
 	/* Its last on-CPU stretch: the final switch-out comes after the entry is gone. */
 	if (te && te->state == ST_ONCPU)
 		__sync_fetch_and_add(&job->on_cpu_ns, now - te->ts);
-	bpf_map_delete_elem(&tasks, &tid);
+	bpf_map_delete_elem(&tasks, &key);
 
 	/* signal->live was decremented before this tracepoint: 0 means the whole process is gone. */
 	if (BPF_CORE_READ(p, signal, live.counter) != 0)

@@ -3,6 +3,8 @@
 //! of `benches/spawn.rs`.
 //!
 //! Run as root: `cargo run --release -p joblet-runtime --example spawn-loop -- PROGRAM [SECONDS]`.
+//! With `JOBLET_TRACE=1` the eBPF probes watch every job, like the `traced` mode;
+//! `JOBLET_TRACE=PATH` loads another build of `ebpf/joblet.bpf.c` instead, to compare two.
 
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
@@ -21,15 +23,29 @@ fn main() -> Result<()> {
         None => 3.0,
     };
     let state = std::env::temp_dir().join(format!("joblet-spawn-loop-{}", std::process::id()));
-    let rt = Runtime::new(&RuntimeConfig {
+    let mut rt = Runtime::new(&RuntimeConfig {
         state_dir: state.clone(),
         cgroup_pool: 8,
         ..RuntimeConfig::default()
     })?;
+    use joblet_runtime::telemetry::Telemetry;
+    let telemetry = match std::env::var_os("JOBLET_TRACE") {
+        Some(v) if v == "1" => Some(Telemetry::load()?),
+        Some(v) if v != "0" && !v.is_empty() => Some(Telemetry::load_object(&std::fs::read(&v)?)?),
+        _ => None,
+    }
+    .map(std::sync::Arc::new);
+    // JOBLET_TRACE_UNUSED=1: the probes run, but the runtime neither marks spawns nor reads
+    // reports (their userspace side), to tell the two costs apart.
+    let unused = std::env::var_os("JOBLET_TRACE_UNUSED").is_some_and(|v| v == "1");
+    if let Some(t) = telemetry.as_ref().filter(|_| !unused) {
+        rt.set_telemetry(t.clone());
+    }
     let devnull: OwnedFd = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/null")?
         .into();
+    let busy0 = host_busy_ticks()?;
     let until = Instant::now() + Duration::from_secs_f64(secs);
     let t0 = Instant::now();
     let mut jobs = 0u64;
@@ -60,8 +76,58 @@ fn main() -> Result<()> {
         jobs += 1;
     }
     let dt = t0.elapsed().as_secs_f64();
-    println!("{jobs} jobs in {dt:.2} s: {:.0} jobs/s", jobs as f64 / dt);
+    let busy = host_busy_ticks()? - busy0;
+    println!(
+        "{jobs} jobs in {dt:.2} s: {:.0} jobs/s, {:.0} us of host CPU per job",
+        jobs as f64 / dt,
+        busy as f64 * 1e6 / TICKS_PER_SEC / jobs.max(1) as f64
+    );
     drop(rt);
+    // Per-program BPF run time, when kernel.bpf_stats_enabled is 1.
+    let mut total_ns = 0;
+    for p in telemetry
+        .iter()
+        .flat_map(|t| t.program_stats().into_iter().flatten())
+    {
+        if p.run_count > 0 {
+            total_ns += p.run_time_ns;
+            println!(
+                "  bpf {:<20} {:>5.2} runs/job {:>5} ns/run",
+                p.tracepoint,
+                p.run_count as f64 / jobs.max(1) as f64,
+                p.run_time_ns / p.run_count
+            );
+        }
+    }
+    if total_ns > 0 {
+        println!(
+            "  bpf total {:.2} us/job",
+            total_ns as f64 / 1e3 / jobs.max(1) as f64
+        );
+    }
     std::fs::remove_dir_all(&state)?;
     Ok(())
+}
+
+/// `USER_HZ`: the unit of /proc/stat on Linux.
+const TICKS_PER_SEC: f64 = 100.0;
+
+/// Busy time of the whole host so far (every CPU, /proc/stat's first line without idle and
+/// iowait), in ticks: the loop's cost including kernel threads and the probes.
+fn host_busy_ticks() -> Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let cpu = stat.lines().next().ok_or("/proc/stat: empty")?;
+    let fields: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<std::result::Result<_, _>>()?;
+    // user nice system idle iowait irq softirq steal ...
+    Ok(fields
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != 3 && i != 4)
+        .map(|(_, v)| v)
+        .take(6)
+        .sum())
 }

@@ -540,3 +540,104 @@ fn spawned_jobs_are_measured_without_watch_and_apart_in_a_reused_cgroup() {
     let c = t.counters().expect("counters");
     assert_eq!((c.ringbuf_drops, c.job_map_full), (0, 0));
 }
+
+/// A runtime with its own instance of the probes (the probes adopt tasks that *this* loader
+/// clones into a cgroup), with fresh cgroups: what `joblet run --trace` does.
+fn traced_runtime(state: &std::path::Path) -> (Runtime, Arc<Telemetry>) {
+    let t = Arc::new(Telemetry::load().expect("load an instance of the probes"));
+    let mut rt = Runtime::new(&RuntimeConfig {
+        state_dir: state.to_owned(),
+        cgroup_pool: 0,
+        ..RuntimeConfig::default()
+    })
+    .expect("create the runtime");
+    rt.set_telemetry(Arc::clone(&t));
+    (rt, t)
+}
+
+#[test]
+fn a_spawned_job_that_sleeps_reports_its_sleep_as_off_cpu() {
+    // The same check as for a watched job, through the path every spawned job takes: task
+    // entries made by the fork probe, none by a switch-out in the job's own context first.
+    let Some((_serial, _)) = telemetry() else {
+        return;
+    };
+    let state = tempfile::tempdir().expect("state dir");
+    let (rt, t) = traced_runtime(state.path());
+    let (cgroup, r) = spawn_traced(&rt, &["/bin/sleep", "0.2"]);
+    eprintln!("spawned sleep: {r}");
+    let off = ms(r.off_cpu_ns.total);
+    assert!(
+        (180.0..=220.0).contains(&off),
+        "off-CPU {off:.1} ms, expected 200 ms within 10%"
+    );
+    assert!(r.off_cpu_ns.max >= 180_000_000, "the sleep is one interval");
+    assert!(r.voluntary_switches >= 1, "{r:#?}");
+    assert!(r.runq_wait_ns.count >= 1, "its first run waited: {r:#?}");
+    assert_eq!((r.forks, r.execs, r.exits), (1, 1, 1), "{r:#?}");
+    let slow = testsupport::slow_factor() as f64;
+    assert!(
+        (r.on_cpu_ns as f64) < 50e6 * slow,
+        "sleep barely runs: {} ns",
+        r.on_cpu_ns
+    );
+    assert!(t.finish(cgroup).is_err(), "finish forgets the job");
+    let c = t.counters().expect("counters");
+    assert_eq!(
+        (c.ringbuf_drops, c.task_map_full, c.job_map_full),
+        (0, 0, 0)
+    );
+}
+
+#[test]
+fn detached_probes_measure_nothing_until_attached_again() {
+    let Some((_serial, _)) = telemetry() else {
+        return;
+    };
+    let state = tempfile::tempdir().expect("state dir");
+    let (rt, t) = traced_runtime(state.path());
+    t.set_attached(false).expect("detach");
+    t.set_attached(false).expect("detaching twice is a no-op");
+    let job = |rt: &Runtime| {
+        let devnull = || -> std::os::fd::OwnedFd {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/null")
+                .expect("open /dev/null")
+                .into()
+        };
+        let spec = JobSpec {
+            id: JobId::generate(),
+            name: None,
+            labels: Default::default(),
+            command: vec![OsString::from("/bin/true")],
+            env: Vec::new(),
+            limits: Limits::default(),
+            sandbox: Sandbox::default(),
+        };
+        let stdio = joblet_runtime::Stdio {
+            stdin: None,
+            stdout: devnull(),
+            stderr: devnull(),
+        };
+        let job = rt.spawn(&spec, stdio).expect("spawn the job");
+        let status = job.wait().expect("wait for the job");
+        job.finish_traced(status, StopReason::default())
+    };
+    // No fork probe ran: the job was never measured, and its record says so.
+    let (record, report) = job(&rt);
+    assert_eq!(record.exit_code, Some(0));
+    assert!(
+        report.is_none(),
+        "detached probes measured a job: {report:#?}"
+    );
+    let error = record.error.expect("the record names the missing report");
+    assert!(error.contains("watched"), "{error}");
+    t.set_attached(true).expect("attach again");
+    t.set_attached(true).expect("attaching twice is a no-op");
+    let (record, report) = job(&rt);
+    assert_eq!(record.exit_code, Some(0));
+    let r = report.expect("attached probes measure the job");
+    assert_eq!((r.forks, r.execs, r.exits), (1, 1, 1), "{r:#?}");
+    assert!(r.on_cpu_ns > 0, "{r:#?}");
+}

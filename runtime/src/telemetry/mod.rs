@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use aya::maps::{Array, HashMap, IterableMap, MapData, MapError, RingBuf};
+use aya::programs::raw_trace_point::RawTracePointLinkId;
 use aya::programs::{ProgramError, RawTracePoint};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use rustix::event::epoll;
@@ -67,6 +68,17 @@ pub enum TelemetryError {
         /// The program.
         program: &'static str,
         /// The cause (the verifier log is in it).
+        #[source]
+        source: Box<ProgramError>,
+    },
+    /// A program could not be detached.
+    #[error("failed to detach eBPF program {program} from raw tracepoint {tracepoint}")]
+    Detach {
+        /// The program.
+        program: &'static str,
+        /// The tracepoint.
+        tracepoint: &'static str,
+        /// The cause.
         #[source]
         source: Box<ProgramError>,
     },
@@ -207,7 +219,56 @@ pub struct Telemetry {
     stop: Arc<OwnedFd>,
     reader: Option<JoinHandle<()>>,
     /// Owns the programs and their links: dropping it detaches the probes.
+    probes: Mutex<Probes>,
+}
+
+/// The loaded programs, and their links while attached.
+struct Probes {
     ebpf: Ebpf,
+    /// One per entry of [`PROGRAMS`] while attached, empty while detached.
+    links: Vec<RawTracePointLinkId>,
+}
+
+impl Probes {
+    fn program(&mut self, program: &'static str) -> Result<&mut RawTracePoint, TelemetryError> {
+        self.ebpf
+            .program_mut(program)
+            .ok_or(TelemetryError::Missing(program))?
+            .try_into()
+            .map_err(|e| TelemetryError::LoadProgram {
+                program,
+                source: Box::new(e),
+            })
+    }
+
+    fn attach(&mut self) -> Result<(), TelemetryError> {
+        for &(program, tracepoint) in &PROGRAMS[self.links.len()..] {
+            let link =
+                self.program(program)?
+                    .attach(tracepoint)
+                    .map_err(|e| TelemetryError::Attach {
+                        program,
+                        tracepoint,
+                        source: Box::new(e),
+                    })?;
+            self.links.push(link);
+        }
+        Ok(())
+    }
+
+    fn detach(&mut self) -> Result<(), TelemetryError> {
+        while let Some(link) = self.links.pop() {
+            let (program, tracepoint) = PROGRAMS[self.links.len()];
+            self.program(program)?
+                .detach(link)
+                .map_err(|e| TelemetryError::Detach {
+                    program,
+                    tracepoint,
+                    source: Box::new(e),
+                })?;
+        }
+        Ok(())
+    }
 }
 
 /// Reads CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns()`: take the spawn timestamp
@@ -232,45 +293,40 @@ impl Telemetry {
     #[doc(hidden)]
     pub fn load_object(object: &[u8]) -> Result<Telemetry, TelemetryError> {
         let owner = Owner::current();
-        let mut ebpf = EbpfLoader::new()
+        let ebpf = EbpfLoader::new()
             .override_global("owner_tgid", &owner.tgid, true)
             .override_global("owner_pidns_dev", &owner.pidns_dev, true)
             .override_global("owner_pidns_ino", &owner.pidns_ino, true)
             .load(object)
             .map_err(|e| TelemetryError::Load(Box::new(e)))?;
-        for &(program, tracepoint) in PROGRAMS {
-            let prog: &mut RawTracePoint = ebpf
-                .program_mut(program)
-                .ok_or(TelemetryError::Missing(program))?
-                .try_into()
+        let mut probes = Probes {
+            ebpf,
+            links: Vec::with_capacity(PROGRAMS.len()),
+        };
+        for &(program, _) in PROGRAMS {
+            probes
+                .program(program)?
+                .load()
                 .map_err(|e| TelemetryError::LoadProgram {
                     program,
                     source: Box::new(e),
                 })?;
-            prog.load().map_err(|e| TelemetryError::LoadProgram {
-                program,
-                source: Box::new(e),
-            })?;
-            prog.attach(tracepoint)
-                .map_err(|e| TelemetryError::Attach {
-                    program,
-                    tracepoint,
-                    source: Box::new(e),
-                })?;
         }
-        let jobs = HashMap::try_from(take_map(&mut ebpf, "jobs")?).map_err(|source| {
+        probes.attach()?;
+        let ebpf = &mut probes.ebpf;
+        let jobs = HashMap::try_from(take_map(ebpf, "jobs")?).map_err(|source| {
             TelemetryError::OpenMap {
                 map: "jobs",
                 source,
             }
         })?;
-        let counters = Array::try_from(take_map(&mut ebpf, "counters")?).map_err(|source| {
+        let counters = Array::try_from(take_map(ebpf, "counters")?).map_err(|source| {
             TelemetryError::OpenMap {
                 map: "counters",
                 source,
             }
         })?;
-        let ring = RingBuf::try_from(take_map(&mut ebpf, "events")?).map_err(|source| {
+        let ring = RingBuf::try_from(take_map(ebpf, "events")?).map_err(|source| {
             TelemetryError::OpenMap {
                 map: "events",
                 source,
@@ -314,7 +370,7 @@ impl Telemetry {
             events,
             stop: Arc::new(stop),
             reader: Some(reader),
-            ebpf,
+            probes: Mutex::new(probes),
         })
     }
 
@@ -431,18 +487,18 @@ impl Telemetry {
     /// Run count and run time of each program, as the kernel accounts them while
     /// `kernel.bpf_stats_enabled` is 1 (for benchmarks).
     pub fn program_stats(&self) -> Result<Vec<ProgramStats>, TelemetryError> {
+        let mut probes = self.probes();
         PROGRAMS
             .iter()
             .map(|&(program, tracepoint)| {
-                let info = self
-                    .ebpf
-                    .program(program)
-                    .ok_or(TelemetryError::Missing(program))?
-                    .info()
-                    .map_err(|e| TelemetryError::LoadProgram {
-                        program,
-                        source: Box::new(e),
-                    })?;
+                let info =
+                    probes
+                        .program(program)?
+                        .info()
+                        .map_err(|e| TelemetryError::LoadProgram {
+                            program,
+                            source: Box::new(e),
+                        })?;
                 Ok(ProgramStats {
                     tracepoint,
                     run_count: info.run_count(),
@@ -450,6 +506,24 @@ impl Telemetry {
                 })
             })
             .collect()
+    }
+
+    /// Detaches the probes from their tracepoints (`false`), which then cost nothing, or
+    /// attaches them again (`true`), keeping the loaded programs and their maps: for benchmarks
+    /// comparing telemetry on and off without reloading in between. Jobs spawned or scheduled
+    /// while detached are not measured, or only in part.
+    #[doc(hidden)]
+    pub fn set_attached(&self, attached: bool) -> Result<(), TelemetryError> {
+        let mut probes = self.probes();
+        if attached {
+            probes.attach()
+        } else {
+            probes.detach()
+        }
+    }
+
+    fn probes(&self) -> MutexGuard<'_, Probes> {
+        self.probes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn read_job(&self, cgroup_id: u64) -> Result<Job, TelemetryError> {
