@@ -198,6 +198,16 @@ fn print_telemetry(
             cpu_on * tick_us,
             100.0 * (cpu_on - cpu_off) / cpu_off
         );
+        // With one thread a job's latency is the inverse of the rate, and its median shrugs off
+        // the rounds someone else's work slowed down.
+        println!(
+            "  {:<14} {:>10} latency p50: {:>6.1} us off, {:>6.1} us on: {:+.1}%",
+            "",
+            "",
+            off.p(0.5),
+            on.p(0.5),
+            100.0 * (on.p(0.5) - off.p(0.5)) / off.p(0.5)
+        );
         let (host_off, host_on) = (
             off.host_ticks as f64 / off.jobs as f64,
             on.host_ticks as f64 / on.jobs as f64,

@@ -49,7 +49,9 @@ fn main() -> Result<()> {
     let until = Instant::now() + Duration::from_secs_f64(secs);
     let t0 = Instant::now();
     let mut jobs = 0u64;
+    let mut latencies = Vec::new();
     while Instant::now() < until {
+        let started = Instant::now();
         let spec = JobSpec {
             id: JobId::generate(),
             name: None,
@@ -74,13 +76,20 @@ fn main() -> Result<()> {
             return Err(format!("finish: {e}").into());
         }
         jobs += 1;
+        latencies.push(started.elapsed());
     }
+    latencies.sort_unstable();
+    let p50 = latencies
+        .get(latencies.len() / 2)
+        .copied()
+        .unwrap_or_default();
     let dt = t0.elapsed().as_secs_f64();
     let busy = host_busy_ticks()? - busy0;
     println!(
-        "{jobs} jobs in {dt:.2} s: {:.0} jobs/s, {:.0} us of host CPU per job",
+        "{jobs} jobs in {dt:.2} s: {:.0} jobs/s, {:.0} us of host CPU per job, p50 {:.1} us",
         jobs as f64 / dt,
-        busy as f64 * 1e6 / TICKS_PER_SEC / jobs.max(1) as f64
+        busy as f64 * 1e6 / TICKS_PER_SEC / jobs.max(1) as f64,
+        p50.as_secs_f64() * 1e6
     );
     drop(rt);
     // Per-program BPF run time, when kernel.bpf_stats_enabled is 1.
