@@ -861,18 +861,26 @@ fn spawned_jobs_report_their_direct_io_apart_in_a_reused_cgroup() {
             wall,
         )
     };
-    let dd = direct_writes(std::path::Path::new("/work/disk/spawned"), 32);
-    let (first_cg, first, wall) = run(spec(&["/bin/sh", "-c", &dd]));
-    let (second_cg, second, _) = run(spec(&["/bin/true"]));
-    eprintln!("spawned dd: {first}\nthen /bin/true: {second}");
+    let dd = |count| {
+        direct_writes(
+            &std::path::Path::new("/work/disk").join(format!("spawned-{count}")),
+            count,
+        )
+    };
+    let (first_cg, first, first_wall) = run(spec(&["/bin/sh", "-c", &dd(32)]));
+    let (second_cg, second, second_wall) = run(spec(&["/bin/sh", "-c", &dd(8)]));
+    let (third_cg, third, _) = run(spec(&["/bin/true"]));
+    eprintln!("spawned dd x32: {first}\nthen dd x8: {second}\nthen /bin/true: {third}");
     assert_eq!(
-        first_cg == second_cg,
-        pooled,
+        (first_cg == second_cg, second_cg == third_cg),
+        (pooled, pooled),
         "the pool hands the same cgroup back"
     );
-    check_direct_writes(&first, 32, wall);
-    // finish took the first job's block I/O entry: nothing of it shows in the next job.
-    assert_eq!(second.block_io_ns, Default::default(), "{second:#?}");
-    assert_eq!(second.block_io_bytes, 0);
+    check_direct_writes(&first, 32, first_wall);
+    // finish took each job's block I/O entry: nothing of one job shows in the next (the byte
+    // bound of the second would not hold with the first's 2 MiB).
+    check_direct_writes(&second, 8, second_wall);
+    assert_eq!(third.block_io_ns, Default::default(), "{third:#?}");
+    assert_eq!(third.block_io_bytes, 0);
     assert_eq!(t.counters().expect("counters").bio_map_full, 0);
 }
