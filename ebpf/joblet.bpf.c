@@ -15,6 +15,10 @@
  * cgroup (joblet's spawn: clone3 with CLONE_INTO_CGROUP), so the spawn path makes no syscall for
  * it; userspace can also make one for a job it did not spawn (`watch`).
  *
+ * Block I/O is timed per bio, from block_bio_queue in the submitting task's context (a job's
+ * task: its cgroup is a key of `jobs`) to the completion of its request or of the bio itself,
+ * into a per-job histogram in `bio_jobs` that only jobs doing block I/O get.
+ *
  * Only raw tracepoints, CO-RE reads, the ring buffer and XADD atomics are used, so the object
  * loads on any kernel >= 5.8 with BTF (no fentry, tp_btf or BPF atomics beyond add).
  */
