@@ -15,6 +15,10 @@
  * cgroup (joblet's spawn: clone3 with CLONE_INTO_CGROUP), so the spawn path makes no syscall for
  * it; userspace can also make one for a job it did not spawn (`watch`).
  *
+ * Block I/O is timed per bio, from block_bio_queue in the submitting task's context (a job's
+ * task: its cgroup is a key of `jobs`) to the completion of its request or of the bio itself,
+ * into a per-job histogram in `bio_jobs` that only jobs doing block I/O get.
+ *
  * Only raw tracepoints, CO-RE reads, the ring buffer and XADD atomics are used, so the object
  * loads on any kernel >= 5.8 with BTF (no fentry, tp_btf or BPF atomics beyond add).
  */
@@ -99,6 +103,50 @@ struct {
 	__type(key, u32); /* tgid */
 	__type(value, struct proc_entry);
 } procs SEC(".maps");
+
+/*
+ * Block I/O latency per job, apart from `jobs` (whose 4 KiB entry is copied at every spawn):
+ * made by the bio probe at the job's first bio, flagged in the job entry (JOBLET_JOB_BLOCK_IO)
+ * so userspace only looks here for jobs that did block I/O. Preallocated, like `jobs`: the probe
+ * inserts without allocating.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, u64);
+	__type(value, struct joblet_bio_job);
+} bio_jobs SEC(".maps");
+
+/* A bio a job submitted, until it completes (the values of `bios`). */
+struct bio_entry {
+	u64 cgid;
+	u64 gen; /* the job's generation: a late completion never counts toward a later job */
+	u64 ts;  /* submission (block_bio_queue) */
+	u32 bytes;
+	u32 _pad;
+};
+
+/*
+ * In-flight bios of jobs, by the struct bio's address, deleted at completion. LRU: a bio whose
+ * completion the probes miss (beyond MAX_BIOS_PER_RQ in one request) would otherwise stay forever.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, u64);
+	__type(value, struct bio_entry);
+} bios SEC(".maps");
+
+/* The value new `bio_jobs` entries are copied from (2 KiB do not fit on the BPF stack). */
+struct joblet_bio_job zero_bio_job = {};
+
+/*
+ * Entries put into `bios` minus entries deleted from it, never less than the entries there (an
+ * entry evicted or overwritten is not subtracted). While it is 0, which is always unless a job
+ * does block I/O, the completion probes return after this one load: host I/O completions cost
+ * no map lookup.
+ */
+u64 bios_in_flight = 0;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -599,5 +647,164 @@ int joblet_sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
 	}
 
 	emit(job, cgid, now, delta, JOBLET_EVENT_EXIT, tgid, flags);
+	return 0;
+}
+
+/*
+ * The job's `bio_jobs` entry exists for its generation: made at its first bio (the flag in the
+ * job entry says so after that, without a lookup). False when `bio_jobs` is full.
+ */
+static __always_inline bool start_bio_job(u64 *cgid, struct joblet_job *job)
+{
+	struct joblet_bio_job *bj;
+
+	if (job->flags & JOBLET_JOB_BLOCK_IO)
+		return true;
+	/* BPF_NOEXIST: the first bios of a job on two CPUs at once make one entry. */
+	if (bpf_map_update_elem(&bio_jobs, cgid, &zero_bio_job, BPF_NOEXIST)) {
+		bj = bpf_map_lookup_elem(&bio_jobs, cgid);
+		if (!bj) {
+			count(JOBLET_COUNTER_BIO_MAP_FULL);
+			return false;
+		}
+		/*
+		 * An entry of an earlier job in the same (pooled) cgroup, never finished: replace it.
+		 * gen 0 is an entry another CPU is making for this job right now.
+		 */
+		if (bj->gen && bj->gen != job->gen &&
+		    bpf_map_update_elem(&bio_jobs, cgid, &zero_bio_job, BPF_ANY)) {
+			count(JOBLET_COUNTER_BIO_MAP_FULL);
+			return false;
+		}
+	}
+	bj = bpf_map_lookup_elem(&bio_jobs, cgid);
+	if (!bj)
+		return false;
+	bj->gen = job->gen;
+	/* Only this probe writes `flags`, and only this bit. */
+	job->flags |= JOBLET_JOB_BLOCK_IO;
+	return true;
+}
+
+/*
+ * A bio submitted by the current task: counted when the task belongs to a job (its own cgroup,
+ * bpf_get_current_cgroup_id(): never the bio's blkcg, which is the v1 blkio one on hybrid hosts).
+ * Host I/O costs one helper call and one failed lookup.
+ */
+static __always_inline int on_bio_queue(struct bio *bio)
+{
+	struct task_struct *task;
+	struct joblet_job *job;
+	struct bio_entry e = {};
+	u64 cgid, key = (u64)bio;
+
+	job = job_of_current(&cgid);
+	if (!job)
+		return 0;
+	/*
+	 * Queued while a stacked driver (dm, md) runs its ->submit_bio in this task: a child of a
+	 * bio already counted at the device the job submitted it to.
+	 */
+	task = (struct task_struct *)bpf_get_current_task();
+	if (BPF_CORE_READ(task, bio_list))
+		return 0;
+	if (!start_bio_job(&cgid, job))
+		return 0;
+	e.cgid = cgid;
+	e.gen = job->gen;
+	e.bytes = BPF_CORE_READ(bio, bi_iter.bi_size);
+	e.ts = bpf_ktime_get_ns();
+	/* Counted first: a completion must never see 0 while the entry exists. */
+	__sync_fetch_and_add(&bios_in_flight, 1);
+	if (bpf_map_update_elem(&bios, &key, &e, BPF_ANY)) {
+		__sync_fetch_and_add(&bios_in_flight, -1);
+		count(JOBLET_COUNTER_BIO_MAP_FULL);
+	}
+	return 0;
+}
+
+/* raw_tracepoint/block_bio_queue: (struct bio *bio) since 5.11, in the submitter's context. */
+SEC("raw_tracepoint/block_bio_queue")
+int joblet_block_bio_queue(struct bpf_raw_tracepoint_args *ctx)
+{
+	return on_bio_queue((struct bio *)ctx->args[0]);
+}
+
+/*
+ * raw_tracepoint/block_bio_queue before 5.11: (struct request_queue *q, struct bio *bio). The
+ * loader attaches this one first: reading a second argument fails to attach (EINVAL) where the
+ * tracepoint has one, which is how the loader tells the two signatures apart.
+ */
+SEC("raw_tracepoint/block_bio_queue")
+int joblet_block_bio_queue_pre511(struct bpf_raw_tracepoint_args *ctx)
+{
+	return on_bio_queue((struct bio *)ctx->args[1]);
+}
+
+/* A bio is done: its latency goes to its job, if that job is still the cgroup's current one. */
+static __always_inline void bio_done(u64 key)
+{
+	struct bio_entry *e = bpf_map_lookup_elem(&bios, &key);
+	struct joblet_bio_job *bj;
+	u64 now;
+
+	if (!e)
+		return;
+	now = bpf_ktime_get_ns();
+	bj = bpf_map_lookup_elem(&bio_jobs, &e->cgid);
+	if (bj && bj->gen == e->gen && now > e->ts) {
+		hist_add(&bj->latency, now - e->ts);
+		__sync_fetch_and_add(&bj->bytes, e->bytes);
+	}
+	if (!bpf_map_delete_elem(&bios, &key))
+		__sync_fetch_and_add(&bios_in_flight, -1);
+}
+
+/* Bios of one request looked at on its completion: requests of more (merged) bios are rare. */
+#define MAX_BIOS_PER_RQ 16
+
+/*
+ * raw_tracepoint/block_rq_complete: (struct request *rq, error, unsigned int nr_bytes), when a
+ * request-based (blk-mq) device completes nr_bytes of rq, before its bios are ended. The bios
+ * that are wholly done are the first ones of rq->bio's chain whose sizes fit in nr_bytes (as
+ * blk_update_request walks them); blk_update_request then clears their BIO_TRACE_COMPLETION, so
+ * block_bio_complete never fires for them.
+ */
+SEC("raw_tracepoint/block_rq_complete")
+int joblet_block_rq_complete(struct bpf_raw_tracepoint_args *ctx)
+{
+	struct request *rq = (struct request *)ctx->args[0];
+	u32 left = (u32)ctx->args[2];
+	struct bio *bio;
+	u32 size;
+	int i;
+
+	if (!*(volatile u64 *)&bios_in_flight)
+		return 0;
+	bio = BPF_CORE_READ(rq, bio);
+	for (i = 0; i < MAX_BIOS_PER_RQ && bio; i++) {
+		size = BPF_CORE_READ(bio, bi_iter.bi_size);
+		if (size > left)
+			break;
+		bio_done((u64)bio);
+		left -= size;
+		if (!left)
+			break;
+		bio = BPF_CORE_READ(bio, bi_next);
+	}
+	return 0;
+}
+
+/*
+ * raw_tracepoint/block_bio_complete: (struct request_queue *q, struct bio *bio), from bio_endio
+ * of a bio that block_bio_queue traced and no request completion did: bios of bio-based devices
+ * (dm, md, nvme multipath heads, brd, zram) and bios ended without reaching a request (errors).
+ */
+SEC("raw_tracepoint/block_bio_complete")
+int joblet_block_bio_complete(struct bpf_raw_tracepoint_args *ctx)
+{
+	if (!*(volatile u64 *)&bios_in_flight)
+		return 0;
+	bio_done((u64)ctx->args[1]);
 	return 0;
 }

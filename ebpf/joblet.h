@@ -56,10 +56,30 @@ struct joblet_job {
 	 * instead of in `procs`: one LRU insert, lookup and delete less per job.
 	 */
 	__u32 origin_tgid;
-	__u32 _pad;
+	__u32 flags; /* JOBLET_JOB_*: set by the probes, read by userspace */
 	__u64 origin_exec_ns;
 	struct joblet_hist runq;
 	struct joblet_hist off_cpu;
+};
+
+enum joblet_job_flags {
+	/*
+	 * The job submitted block I/O: its `bio_jobs` entry exists (made for this generation), so
+	 * userspace reads (and at `finish` deletes) it. Jobs without the flag cost no extra syscall.
+	 */
+	JOBLET_JOB_BLOCK_IO = 1,
+};
+
+/*
+ * Value of the `bio_jobs` map, keyed by the job's cgroup v2 id: its block I/O latency, kept apart
+ * from `struct joblet_job` (copied at every spawn) and made by the bio probe at the job's first
+ * bio, so jobs without block I/O never pay for it.
+ */
+struct joblet_bio_job {
+	__u64 gen;   /* the job's generation (joblet_job.gen) when the entry was made */
+	__u64 bytes; /* sizes (at submission) of the job's bios that completed */
+	/* From each bio's submission (block_bio_queue) to its completion. */
+	struct joblet_hist latency;
 };
 
 enum joblet_event_kind {
@@ -96,7 +116,9 @@ enum joblet_counter {
 	JOBLET_COUNTER_TASK_MAP_FULL = 1,
 	/* Spawns the fork probe could not start measuring (`jobs` full or out of memory). */
 	JOBLET_COUNTER_JOB_MAP_FULL = 2,
-	JOBLET_COUNTER_MAX = 3,
+	/* Block I/O a job submitted that could not be measured (`bio_jobs` or `bios` insert failed). */
+	JOBLET_COUNTER_BIO_MAP_FULL = 3,
+	JOBLET_COUNTER_MAX = 4,
 };
 
 #endif

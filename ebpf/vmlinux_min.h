@@ -48,6 +48,8 @@ struct signal_struct {
 	atomic_t live;
 };
 
+struct bio_list;
+
 struct task_struct {
 	/* Named __state since 5.14; see task_struct___pre514. */
 	unsigned int __state;
@@ -56,6 +58,22 @@ struct task_struct {
 	s32 tgid;
 	struct css_set *cgroups;
 	struct signal_struct *signal;
+	/* Set while the task runs a block driver's ->submit_bio: bios queued then are its children. */
+	struct bio_list *bio_list;
+};
+
+struct bvec_iter {
+	/* Bytes left to transfer: the whole bio at submission, the rest at completion. */
+	unsigned int bi_size;
+};
+
+struct bio {
+	struct bio *bi_next; /* the next bio of the same request */
+	struct bvec_iter bi_iter;
+};
+
+struct request {
+	struct bio *bio; /* the first bio not completed yet */
 };
 
 /* Kernels before 5.14 call the scheduler state `state` (and make it a long). */

@@ -641,3 +641,246 @@ fn detached_probes_measure_nothing_until_attached_again() {
     assert_eq!((r.forks, r.execs, r.exits), (1, 1, 1), "{r:#?}");
     assert!(r.on_cpu_ns > 0, "{r:#?}");
 }
+
+/// A fresh directory on a filesystem backed by a block device (its `st_dev` is one the kernel
+/// lists under /sys/dev/block), writable by every uid, for block I/O the probes can see: tmpfs,
+/// overlayfs and 9p have no bios. The first of `/var/tmp`, the temp dir and `/` that qualifies
+/// (the VM lane's top-level directories are overlays, its `/` is ext4 on /dev/vda).
+fn block_backed_dir() -> Result<tempfile::TempDir, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let candidates = [
+        PathBuf::from("/var/tmp"),
+        std::env::temp_dir(),
+        PathBuf::from("/"),
+    ];
+    let mut seen = Vec::new();
+    for dir in candidates {
+        let Ok(meta) = std::fs::metadata(&dir) else {
+            continue;
+        };
+        let dev = meta.dev();
+        let sys = format!(
+            "/sys/dev/block/{}:{}",
+            rustix::fs::major(dev),
+            rustix::fs::minor(dev)
+        );
+        if !std::path::Path::new(&sys).exists() {
+            seen.push(format!(
+                "{} (device {sys} is not a block device)",
+                dir.display()
+            ));
+            continue;
+        }
+        let tmp = tempfile::Builder::new()
+            .prefix("joblet-blkio-test-")
+            .tempdir_in(&dir)
+            .map_err(|e| format!("cannot create a directory in {}: {e}", dir.display()))?;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777))
+            .map_err(|e| format!("chmod {}: {e}", tmp.path().display()))?;
+        return Ok(tmp);
+    }
+    Err(format!(
+        "no candidate directory is on a block device: {}",
+        seen.join(", ")
+    ))
+}
+
+/// The gate of the block I/O tests: the probes, and a filesystem on a block device to write to.
+/// A test machine without one cannot exercise the feature; where privileged tests are required
+/// (CI, the VM lane: both have a disk) that fails loudly instead of passing untested.
+fn telemetry_and_disk() -> Option<(
+    MutexGuard<'static, ()>,
+    &'static Telemetry,
+    tempfile::TempDir,
+)> {
+    let (serial, t) = telemetry()?;
+    let mut dir = None;
+    let ok = privileged("a writable filesystem on a block device", || {
+        dir = Some(block_backed_dir()?);
+        Ok(())
+    });
+    ok.then(|| (serial, t, dir.expect("made when privileged() passed")))
+}
+
+/// `dd` of `count` 64 KiB direct (O_DIRECT) writes to `file`: `count` bios of its own, each
+/// waited for before the next.
+fn direct_writes(file: &std::path::Path, count: u32) -> String {
+    format!(
+        "dd if=/dev/zero of={} bs=64k count={count} oflag=direct status=none",
+        file.display()
+    )
+}
+
+const BIO_BYTES: u64 = 64 * 1024;
+
+/// Checks a job's block I/O figures against the `count` 64 KiB direct writes it did in `wall`.
+fn check_direct_writes(r: &LatencyReport, count: u64, wall: Duration) {
+    let b = &r.block_io_ns;
+    assert!(
+        b.count >= count,
+        "{} bios measured for {count} direct writes: {r:#?}",
+        b.count
+    );
+    // Its own writes, plus at most a few metadata reads the job itself may have needed: host
+    // I/O (a concurrent dd of 16 MiB in the tests) would blow this bound.
+    assert!(
+        (count * BIO_BYTES..=count * BIO_BYTES + (1 << 20)).contains(&r.block_io_bytes),
+        "{} bytes for {count} writes of 64 KiB: {r:#?}",
+        r.block_io_bytes
+    );
+    // dd waits for each write before the next: the latencies add up to less than its run time,
+    // and no device round trip takes under a microsecond.
+    let wall_ns = u64::try_from(wall.as_nanos()).expect("a short test");
+    assert!(
+        b.total > 0 && b.total < wall_ns,
+        "block I/O total {} ns over a {wall_ns} ns job",
+        b.total
+    );
+    assert!(b.p50 >= 1_000, "median bio latency {} ns", b.p50);
+    assert!(
+        b.max >= b.p99 && b.p99 >= b.p50 && b.max <= b.total,
+        "{b:#?}"
+    );
+    assert_eq!(
+        b.buckets.iter().map(|x| x.count).sum::<u64>(),
+        b.count,
+        "buckets hold every bio"
+    );
+}
+
+#[test]
+fn direct_io_of_a_watched_job_is_measured_and_host_io_is_not() {
+    let Some((_serial, t, dir)) = telemetry_and_disk() else {
+        return;
+    };
+    let io = TestCgroup::new("bio");
+    let quiet = TestCgroup::new("nobio");
+    t.watch(io.id, monotonic_ns()).expect("watch");
+    t.watch(quiet.id, monotonic_ns()).expect("watch");
+    let full_before = t.counters().expect("counters").bio_map_full;
+    // The same direct writes outside any job, all along: 16 MiB that must count nowhere.
+    let mut host = Command::new("/bin/sh")
+        .args(["-c", &direct_writes(&dir.path().join("host"), 256)])
+        .spawn()
+        .expect("spawn host dd");
+    let mut quiet_job = quiet.spawn(None, "exec sleep 0.3");
+    let start = std::time::Instant::now();
+    let mut job = io.spawn(
+        None,
+        &format!("exec {}", direct_writes(&dir.path().join("job"), 64)),
+    );
+    assert!(job.wait().expect("wait job").success(), "job dd failed");
+    let wall = start.elapsed();
+    assert!(
+        host.wait().expect("wait host dd").success(),
+        "host dd failed"
+    );
+    assert!(quiet_job.wait().expect("wait quiet").success());
+    let r = t.finish(io.id).expect("finish");
+    let q = t.finish(quiet.id).expect("finish quiet");
+    eprintln!("direct I/O job: {r}\nquiet job: {q}");
+    check_direct_writes(&r, 64, wall);
+    assert_eq!(
+        q.block_io_ns,
+        Default::default(),
+        "no I/O, no figures: {q:#?}"
+    );
+    assert_eq!(q.block_io_bytes, 0);
+    assert_eq!(t.counters().expect("counters").bio_map_full, full_before);
+}
+
+#[test]
+fn spawned_jobs_report_their_direct_io_apart_in_a_reused_cgroup() {
+    let Some((_serial, _, dir)) = telemetry_and_disk() else {
+        return;
+    };
+    let t = Arc::new(Telemetry::load().expect("load an instance of the probes"));
+    let state = tempfile::tempdir().expect("state dir");
+    let config = |cgroup_pool| RuntimeConfig {
+        state_dir: state.path().to_owned(),
+        cgroup_pool,
+        ..RuntimeConfig::default()
+    };
+    // As in spawned_jobs_are_measured_without_watch_and_apart_in_a_reused_cgroup: no pool
+    // before 6.12, and then no reuse to check.
+    let (mut rt, pooled) = match Runtime::new(&config(1)) {
+        Ok(rt) => (rt, true),
+        Err(SpawnError::Cgroup(CgroupError::Unsupported(why))) => {
+            eprintln!("cgroup pool unsupported here ({why}): checking fresh cgroups only");
+            (Runtime::new(&config(0)).expect("create the runtime"), false)
+        }
+        Err(e) => panic!("create the runtime: {e:#?}"),
+    };
+    rt.set_telemetry(Arc::clone(&t));
+    let disk = joblet_runtime::job::Bind {
+        source: dir.path().to_owned(),
+        target: PathBuf::from("/work/disk"),
+        writable: true,
+    };
+    let spec = |command: &[&str]| JobSpec {
+        id: JobId::generate(),
+        name: None,
+        labels: Default::default(),
+        command: command.iter().map(OsString::from).collect(),
+        env: Vec::new(),
+        limits: Limits::default(),
+        sandbox: Sandbox {
+            binds: vec![disk.clone()],
+            ..Sandbox::default()
+        },
+    };
+    let run = |spec: JobSpec| {
+        let devnull = || -> std::os::fd::OwnedFd {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/null")
+                .expect("open /dev/null")
+                .into()
+        };
+        let stdio = joblet_runtime::Stdio {
+            stdin: None,
+            stdout: devnull(),
+            stderr: devnull(),
+        };
+        let start = std::time::Instant::now();
+        let job = rt.spawn(&spec, stdio).expect("spawn the job");
+        let cgroup = job.cgroup_id();
+        let status = job.wait().expect("wait for the job");
+        let wall = start.elapsed();
+        let (record, report) = job.finish_traced(status, StopReason::default());
+        assert_eq!(
+            record.exit_code,
+            Some(0),
+            "{:?}: {:?}",
+            spec.command,
+            record.error
+        );
+        (
+            cgroup,
+            report.expect("a traced job has a latency report"),
+            wall,
+        )
+    };
+    let dd = |count| {
+        direct_writes(
+            &std::path::Path::new("/work/disk").join(format!("spawned-{count}")),
+            count,
+        )
+    };
+    let (first_cg, first, first_wall) = run(spec(&["/bin/sh", "-c", &dd(32)]));
+    let (second_cg, second, second_wall) = run(spec(&["/bin/sh", "-c", &dd(8)]));
+    let (third_cg, third, _) = run(spec(&["/bin/true"]));
+    eprintln!("spawned dd x32: {first}\nthen dd x8: {second}\nthen /bin/true: {third}");
+    assert_eq!(
+        (first_cg == second_cg, second_cg == third_cg),
+        (pooled, pooled),
+        "the pool hands the same cgroup back"
+    );
+    check_direct_writes(&first, 32, first_wall);
+    // finish took each job's block I/O entry: nothing of one job shows in the next (the byte
+    // bound of the second would not hold with the first's 2 MiB).
+    check_direct_writes(&second, 8, second_wall);
+    assert_eq!(third.block_io_ns, Default::default(), "{third:#?}");
+    assert_eq!(third.block_io_bytes, 0);
+    assert_eq!(t.counters().expect("counters").bio_map_full, 0);
+}

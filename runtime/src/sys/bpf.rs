@@ -47,11 +47,25 @@ pub(crate) struct Job {
     pub(crate) leader_exit_delta_ns: u64,
     /// The process the fork probe started the job with (probe-internal).
     pub(crate) origin_tgid: u32,
-    pub(crate) _pad: u32,
+    /// `JOB_*` flags, set by the probes.
+    pub(crate) flags: u32,
     /// Its last exec (probe-internal).
     pub(crate) origin_exec_ns: u64,
     pub(crate) runq: Hist,
     pub(crate) off_cpu: Hist,
+}
+
+/// `struct joblet_bio_job`: the value of the `bio_jobs` map, keyed by the job's cgroup v2 id,
+/// made by the probes at the job's first bio (then `Job::flags` has [`JOB_BLOCK_IO`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BioJob {
+    /// `gen` in C: the job generation (`Job::generation`) the entry was made for.
+    pub(crate) generation: u64,
+    /// Bytes of the completed bios, as submitted.
+    pub(crate) bytes: u64,
+    /// Submission to completion of each bio.
+    pub(crate) latency: Hist,
 }
 
 impl Hist {
@@ -60,6 +74,16 @@ impl Hist {
         count: 0,
         max: 0,
         buckets: [0; HIST_BUCKETS],
+    };
+}
+
+impl BioJob {
+    /// An entry with nothing recorded (for tests of the report).
+    #[cfg(test)]
+    pub(crate) const ZERO: BioJob = BioJob {
+        generation: 0,
+        bytes: 0,
+        latency: Hist::ZERO,
     };
 }
 
@@ -82,7 +106,7 @@ impl Job {
         leader_exec_delta_ns: 0,
         leader_exit_delta_ns: 0,
         origin_tgid: 0,
-        _pad: 0,
+        flags: 0,
         origin_exec_ns: 0,
         runq: Hist::ZERO,
         off_cpu: Hist::ZERO,
@@ -95,6 +119,8 @@ pub(crate) const EVENT_EXEC: u32 = 1;
 pub(crate) const EVENT_EXIT: u32 = 2;
 /// `JOBLET_EVENT_HAVE_DELTA`: `delta_ns` is valid.
 pub(crate) const EVENT_FLAG_HAVE_DELTA: u32 = 2;
+/// `JOBLET_JOB_BLOCK_IO`: the job has a `bio_jobs` entry.
+pub(crate) const JOB_BLOCK_IO: u32 = 1;
 /// `JOBLET_LEADER_EXEC_DELTA`: `Job::leader_exec_delta_ns` is valid.
 pub(crate) const LEADER_EXEC_DELTA: u32 = 1;
 /// `JOBLET_LEADER_EXIT_DELTA`: `Job::leader_exit_delta_ns` is valid.
@@ -106,6 +132,8 @@ pub(crate) const COUNTER_RINGBUF_DROPS: u32 = 0;
 pub(crate) const COUNTER_TASK_MAP_FULL: u32 = 1;
 /// `JOBLET_COUNTER_JOB_MAP_FULL`.
 pub(crate) const COUNTER_JOB_MAP_FULL: u32 = 2;
+/// `JOBLET_COUNTER_BIO_MAP_FULL`.
+pub(crate) const COUNTER_BIO_MAP_FULL: u32 = 3;
 
 /// `struct joblet_event`: one ring buffer record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,6 +173,7 @@ impl Event {
 
 const _: () = assert!(size_of::<Hist>() == 24 + 8 * HIST_BUCKETS);
 const _: () = assert!(size_of::<Job>() == 8 * 14 + 8 * 2 + 2 * size_of::<Hist>());
+const _: () = assert!(size_of::<BioJob>() == 8 * 2 + size_of::<Hist>());
 
 // SAFETY: `Hist` is `#[repr(C)]`, made only of `u64`s (no padding, every bit pattern valid).
 unsafe impl aya::Pod for Hist {}
@@ -152,6 +181,9 @@ unsafe impl aya::Pod for Hist {}
 // size (asserted above) equals the sum of its fields, so it has no padding, and every bit pattern
 // is a valid value.
 unsafe impl aya::Pod for Job {}
+// SAFETY: `BioJob` is `#[repr(C)]` of `u64`s and a `Hist` (asserted size: no padding); every bit
+// pattern is a valid value.
+unsafe impl aya::Pod for BioJob {}
 
 /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (enum bpf_cmd).
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
@@ -239,5 +271,6 @@ mod tests {
     fn the_zero_job_is_all_zero_bytes() {
         assert_eq!(Job::ZERO.runq.buckets, [0; HIST_BUCKETS]);
         assert_eq!(Job::ZERO.first_exec_ns, 0);
+        assert_eq!(Job::ZERO.flags, 0);
     }
 }

@@ -34,8 +34,8 @@ pub use hist::{Bucket, Distribution};
 pub use report::{CommandLatency, LatencyReport};
 
 use crate::sys::bpf::{
-    COUNTER_JOB_MAP_FULL, COUNTER_RINGBUF_DROPS, COUNTER_TASK_MAP_FULL, EVENT_EXEC, EVENT_EXIT,
-    EVENT_FLAG_HAVE_DELTA, Event, Job,
+    BioJob, COUNTER_BIO_MAP_FULL, COUNTER_JOB_MAP_FULL, COUNTER_RINGBUF_DROPS,
+    COUNTER_TASK_MAP_FULL, EVENT_EXEC, EVENT_EXIT, EVENT_FLAG_HAVE_DELTA, Event, JOB_BLOCK_IO, Job,
 };
 use report::Lifecycle;
 
@@ -43,14 +43,40 @@ use report::Lifecycle;
 static PROBES: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("CARGO_MANIFEST_DIR"), "/../ebpf/joblet.bpf.o"));
 
-/// Program name in the object, and the raw tracepoint it attaches to.
-const PROGRAMS: &[(&str, &str)] = &[
-    ("joblet_sched_switch", "sched_switch"),
-    ("joblet_sched_wakeup", "sched_wakeup"),
-    ("joblet_sched_wakeup_new", "sched_wakeup_new"),
-    ("joblet_sched_process_fork", "sched_process_fork"),
-    ("joblet_sched_process_exec", "sched_process_exec"),
-    ("joblet_sched_process_exit", "sched_process_exit"),
+/// A raw tracepoint and the programs of the object that can serve it.
+struct Hook {
+    tracepoint: &'static str,
+    /// Tried in order; a later one only when the one before fails to attach with `EINVAL`. A
+    /// raw tracepoint program that reads more arguments than the tracepoint has is refused at
+    /// attach with `EINVAL`, so variants ordered by decreasing argument count pick the one that
+    /// matches the running kernel's signature, and a kernel that matches none fails loudly.
+    programs: &'static [&'static str],
+}
+
+const fn hook(tracepoint: &'static str, programs: &'static [&'static str]) -> Hook {
+    Hook {
+        tracepoint,
+        programs,
+    }
+}
+
+/// The probes, in attach order.
+const HOOKS: &[Hook] = &[
+    hook("sched_switch", &["joblet_sched_switch"]),
+    hook("sched_wakeup", &["joblet_sched_wakeup"]),
+    hook("sched_wakeup_new", &["joblet_sched_wakeup_new"]),
+    hook("sched_process_fork", &["joblet_sched_process_fork"]),
+    hook("sched_process_exec", &["joblet_sched_process_exec"]),
+    hook("sched_process_exit", &["joblet_sched_process_exit"]),
+    // Completions before submissions: a bio counted at submission must find its completion
+    // probe attached.
+    hook("block_rq_complete", &["joblet_block_rq_complete"]),
+    hook("block_bio_complete", &["joblet_block_bio_complete"]),
+    // (q, bio) before 5.11, (bio) since.
+    hook(
+        "block_bio_queue",
+        &["joblet_block_bio_queue_pre511", "joblet_block_bio_queue"],
+    ),
 ];
 
 /// Errors of the telemetry. Messages name the program, map or job cgroup.
@@ -144,6 +170,8 @@ pub struct Counters {
     /// Spawns the probes could not start measuring (`jobs` full, 1,024 jobs, or out of memory):
     /// [`Telemetry::finish`] fails with [`TelemetryError::NotWatched`] for them.
     pub job_map_full: u64,
+    /// Bios of jobs that could not be measured (`bio_jobs` or the in-flight map full).
+    pub bio_map_full: u64,
     /// Ring buffer records that could not be decoded (probe and loader out of sync).
     pub malformed_events: u64,
     /// Times the reader thread was woken by the probes: with batching, far fewer than events.
@@ -211,6 +239,8 @@ fn record(life: &mut Lifecycle, event: &Event) {
 /// The loaded, attached probes. One per process; share it by reference (`&self` methods).
 pub struct Telemetry {
     jobs: Mutex<HashMap<MapData, u64, Job>>,
+    /// Block I/O latency of the jobs that did block I/O (`Job::flags` has `JOB_BLOCK_IO`).
+    bio_jobs: Mutex<HashMap<MapData, u64, BioJob>>,
     /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` failed on a hash map (kernel < 5.14): lookup + delete.
     no_lookup_and_delete: AtomicBool,
     counters: Array<MapData, u64>,
@@ -225,8 +255,12 @@ pub struct Telemetry {
 /// The loaded programs, and their links while attached.
 struct Probes {
     ebpf: Ebpf,
-    /// One per entry of [`PROGRAMS`] while attached, empty while detached.
-    links: Vec<RawTracePointLinkId>,
+    /// One per entry of [`HOOKS`] while attached, empty while detached: the link, and the
+    /// program attached.
+    links: Vec<(RawTracePointLinkId, &'static str)>,
+    /// The program of each entry of [`HOOKS`] that attached first (the one that matches the
+    /// kernel's tracepoint), once known.
+    chosen: Vec<&'static str>,
 }
 
 impl Probes {
@@ -242,23 +276,43 @@ impl Probes {
     }
 
     fn attach(&mut self) -> Result<(), TelemetryError> {
-        for &(program, tracepoint) in &PROGRAMS[self.links.len()..] {
-            let link =
-                self.program(program)?
-                    .attach(tracepoint)
-                    .map_err(|e| TelemetryError::Attach {
-                        program,
-                        tracepoint,
-                        source: Box::new(e),
-                    })?;
-            self.links.push(link);
+        for (i, hook) in HOOKS.iter().enumerate().skip(self.links.len()) {
+            let tracepoint = hook.tracepoint;
+            // Once a variant attached, it is the one for this kernel.
+            let chosen = self.chosen.get(i).copied();
+            let candidates = match &chosen {
+                Some(chosen) => std::slice::from_ref(chosen),
+                None => hook.programs,
+            };
+            let mut attached = None;
+            for (n, &program) in candidates.iter().enumerate() {
+                match self.program(program)?.attach(tracepoint) {
+                    Ok(link) => {
+                        attached = Some((link, program));
+                        break;
+                    }
+                    Err(e) if n + 1 < candidates.len() && is_einval(&e) => continue,
+                    Err(e) => {
+                        return Err(TelemetryError::Attach {
+                            program,
+                            tracepoint,
+                            source: Box::new(e),
+                        });
+                    }
+                }
+            }
+            let (link, program) = attached.expect("every hook has a program");
+            if self.chosen.len() == i {
+                self.chosen.push(program);
+            }
+            self.links.push((link, program));
         }
         Ok(())
     }
 
     fn detach(&mut self) -> Result<(), TelemetryError> {
-        while let Some(link) = self.links.pop() {
-            let (program, tracepoint) = PROGRAMS[self.links.len()];
+        while let Some((link, program)) = self.links.pop() {
+            let tracepoint = HOOKS[self.links.len()].tracepoint;
             self.program(program)?
                 .detach(link)
                 .map_err(|e| TelemetryError::Detach {
@@ -301,9 +355,10 @@ impl Telemetry {
             .map_err(|e| TelemetryError::Load(Box::new(e)))?;
         let mut probes = Probes {
             ebpf,
-            links: Vec::with_capacity(PROGRAMS.len()),
+            links: Vec::with_capacity(HOOKS.len()),
+            chosen: Vec::with_capacity(HOOKS.len()),
         };
-        for &(program, _) in PROGRAMS {
+        for &program in HOOKS.iter().flat_map(|h| h.programs) {
             probes
                 .program(program)?
                 .load()
@@ -317,6 +372,12 @@ impl Telemetry {
         let jobs = HashMap::try_from(take_map(ebpf, "jobs")?).map_err(|source| {
             TelemetryError::OpenMap {
                 map: "jobs",
+                source,
+            }
+        })?;
+        let bio_jobs = HashMap::try_from(take_map(ebpf, "bio_jobs")?).map_err(|source| {
+            TelemetryError::OpenMap {
+                map: "bio_jobs",
                 source,
             }
         })?;
@@ -365,6 +426,7 @@ impl Telemetry {
             .map_err(TelemetryError::Reader)?;
         Ok(Telemetry {
             jobs: Mutex::new(jobs),
+            bio_jobs: Mutex::new(bio_jobs),
             no_lookup_and_delete: AtomicBool::new(false),
             counters,
             events,
@@ -422,6 +484,7 @@ impl Telemetry {
     /// that is running right now is only counted once it is switched out.
     pub fn snapshot(&self, cgroup_id: u64) -> Result<LatencyReport, TelemetryError> {
         let job = self.read_job(cgroup_id)?;
+        let bio = self.bio_job(&job, cgroup_id, false)?;
         let mut events = self.events();
         events.drain();
         let life = events
@@ -430,41 +493,86 @@ impl Telemetry {
             .ok_or(TelemetryError::NotWatched { cgroup_id })?
             .clone();
         drop(events);
-        Ok(LatencyReport::build(&job, life))
+        Ok(LatencyReport::build(&job, bio.as_ref(), life))
     }
 
     /// Stops measuring the job and returns its report. Call it after the job's processes are
     /// gone (its pid 1 reaped: in a PID namespace the kernel has then killed the rest). One
-    /// syscall (two on kernels before 5.14).
+    /// syscall (two on kernels before 5.14), one more for a job that did block I/O.
     pub fn finish(&self, cgroup_id: u64) -> Result<LatencyReport, TelemetryError> {
         let job = self.take_job(cgroup_id);
+        let bio = match &job {
+            Ok(job) => self.bio_job(job, cgroup_id, true),
+            Err(_) => Ok(None),
+        };
         let mut events = self.events();
         // Every record of the job was submitted before its processes exited, so one drain after
         // the map read sees them all, whether or not they woke the reader.
         events.drain();
         let life = events.jobs.remove(&cgroup_id);
         drop(events);
-        Ok(LatencyReport::build(&job?, life.unwrap_or_default()))
+        Ok(LatencyReport::build(
+            &job?,
+            bio?.as_ref(),
+            life.unwrap_or_default(),
+        ))
     }
 
     /// Reads and deletes the job's map entry.
     fn take_job(&self, cgroup_id: u64) -> Result<Job, TelemetryError> {
-        let jobs = self.jobs_map();
+        let mut jobs = self.jobs_map();
+        self.take(&mut jobs, cgroup_id)?
+            .ok_or(TelemetryError::NotWatched { cgroup_id })
+    }
+
+    /// The job's block I/O entry, read (and deleted if `take`) only when the probes flagged the
+    /// job as having one: a job without block I/O costs no syscall here. An entry made for
+    /// another generation (an earlier job in the cgroup) is not this job's.
+    fn bio_job(
+        &self,
+        job: &Job,
+        cgroup_id: u64,
+        take: bool,
+    ) -> Result<Option<BioJob>, TelemetryError> {
+        if job.flags & JOB_BLOCK_IO == 0 {
+            return Ok(None);
+        }
+        let mut map = self.bio_jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let bio = if take {
+            self.take(&mut map, cgroup_id)?
+        } else {
+            match map.get(&cgroup_id, 0) {
+                Ok(bio) => Some(bio),
+                Err(MapError::KeyNotFound) => None,
+                Err(source) => return Err(TelemetryError::Read { cgroup_id, source }),
+            }
+        };
+        Ok(bio.filter(|b| b.generation == job.generation))
+    }
+
+    /// Reads and deletes `cgroup_id`'s entry of a hash map: one syscall, or a lookup and a
+    /// delete before 5.14. `None` when there is no such entry.
+    fn take<V: aya::Pod>(
+        &self,
+        map: &mut HashMap<MapData, u64, V>,
+        cgroup_id: u64,
+    ) -> Result<Option<V>, TelemetryError> {
         if !self.no_lookup_and_delete.load(Ordering::Relaxed) {
-            match crate::sys::bpf::lookup_and_delete(jobs.map().fd().as_fd(), &cgroup_id) {
-                Ok(job) => return Ok(job),
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                    return Err(TelemetryError::NotWatched { cgroup_id });
-                }
+            match crate::sys::bpf::lookup_and_delete(map.map().fd().as_fd(), &cgroup_id) {
+                Ok(value) => return Ok(Some(value)),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
                 // EINVAL, or ENOTSUPP (524, kernel-internal) before 5.14: fall back for good.
                 Err(_) => self.no_lookup_and_delete.store(true, Ordering::Relaxed),
             }
         }
-        let mut jobs = jobs;
-        let job = read_job(&jobs, cgroup_id)?;
-        jobs.remove(&cgroup_id)
+        let value = match map.get(&cgroup_id, 0) {
+            Ok(value) => value,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(source) => return Err(TelemetryError::Read { cgroup_id, source }),
+        };
+        map.remove(&cgroup_id)
             .map_err(|source| TelemetryError::Read { cgroup_id, source })?;
-        Ok(job)
+        Ok(Some(value))
     }
 
     /// Host-wide drop counters.
@@ -479,6 +587,7 @@ impl Telemetry {
             ringbuf_drops: get(COUNTER_RINGBUF_DROPS, "ringbuf_drops")?,
             task_map_full: get(COUNTER_TASK_MAP_FULL, "task_map_full")?,
             job_map_full: get(COUNTER_JOB_MAP_FULL, "job_map_full")?,
+            bio_map_full: get(COUNTER_BIO_MAP_FULL, "bio_map_full")?,
             malformed_events: events.malformed,
             reader_wakeups: events.wakeups,
         })
@@ -488,9 +597,12 @@ impl Telemetry {
     /// `kernel.bpf_stats_enabled` is 1 (for benchmarks).
     pub fn program_stats(&self) -> Result<Vec<ProgramStats>, TelemetryError> {
         let mut probes = self.probes();
-        PROGRAMS
+        let chosen = probes.chosen.clone();
+        HOOKS
             .iter()
-            .map(|&(program, tracepoint)| {
+            .zip(chosen)
+            .map(|(hook, program)| {
+                let tracepoint = hook.tracepoint;
                 let info =
                     probes
                         .program(program)?
@@ -607,6 +719,12 @@ impl Owner {
             },
         }
     }
+}
+
+/// Whether attaching failed with `EINVAL`: for a raw tracepoint, a program reading more
+/// arguments than the tracepoint has.
+fn is_einval(e: &ProgramError) -> bool {
+    matches!(e, ProgramError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::EINVAL))
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, TelemetryError> {

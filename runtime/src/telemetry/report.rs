@@ -6,7 +6,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use super::hist::{Distribution, Recorder};
-use crate::sys::bpf::{Job, LEADER_EXEC_DELTA, LEADER_EXIT_DELTA};
+use crate::sys::bpf::{BioJob, Job, LEADER_EXEC_DELTA, LEADER_EXIT_DELTA};
 
 /// Where a job's time went, in nanoseconds. Built from the probes' in-kernel counters and
 /// histograms plus the lifecycle events of the ring buffer.
@@ -22,6 +22,12 @@ pub struct LatencyReport {
     pub runq_wait_ns: Distribution,
     /// Off-CPU: switched out while sleeping until woken.
     pub off_cpu_ns: Distribution,
+    /// Block I/O latency: from the submission of each bio the job's own tasks submitted to its
+    /// completion by the device. Writes the kernel's writeback threads flush later are not the
+    /// job's submissions and are not in it (`docs/design/telemetry.md`).
+    pub block_io_ns: Distribution,
+    /// Bytes of the bios in `block_io_ns`.
+    pub block_io_bytes: u64,
     /// Time the job's threads spent on a CPU.
     pub on_cpu_ns: u64,
     /// Switches where a thread gave up the CPU to sleep.
@@ -66,8 +72,9 @@ pub(crate) struct Lifecycle {
 
 impl LatencyReport {
     /// `life` holds the ring buffer's figures of the job's other processes; the command's own
-    /// come from the map entry, which the probes fill instead of sending records for them.
-    pub(crate) fn build(job: &Job, mut life: Lifecycle) -> LatencyReport {
+    /// come from the map entry, which the probes fill instead of sending records for them. `bio`
+    /// is the job's block I/O entry, if it did block I/O.
+    pub(crate) fn build(job: &Job, bio: Option<&BioJob>, mut life: Lifecycle) -> LatencyReport {
         let command_spawn_to_exec = (life.spawn_ns != 0 && job.first_exec_ns >= life.spawn_ns)
             .then(|| job.first_exec_ns - life.spawn_ns);
         let command_exec_to_exit = (job.first_exec_ns != 0
@@ -89,6 +96,10 @@ impl LatencyReport {
             exec_to_exit_ns: life.exec_to_exit.distribution(),
             runq_wait_ns: Recorder::from_kernel(&job.runq).distribution(),
             off_cpu_ns: Recorder::from_kernel(&job.off_cpu).distribution(),
+            block_io_ns: bio
+                .map(|b| Recorder::from_kernel(&b.latency).distribution())
+                .unwrap_or_default(),
+            block_io_bytes: bio.map_or(0, |b| b.bytes),
             on_cpu_ns: job.on_cpu_ns,
             voluntary_switches: job.voluntary_switches,
             involuntary_switches: job.involuntary_switches,
@@ -116,6 +127,21 @@ impl fmt::Display for Ns {
             1_000..1_000_000 => write!(f, "{:.1} µs", ns / 1e3),
             1_000_000..1_000_000_000 => write!(f, "{:.1} ms", ns / 1e6),
             _ => write!(f, "{:.2} s", ns / 1e9),
+        }
+    }
+}
+
+/// A size in bytes, in binary units.
+struct Bytes(u64);
+
+impl fmt::Display for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0 as f64;
+        match self.0 {
+            0..1024 => write!(f, "{} B", self.0),
+            1024..1_048_576 => write!(f, "{:.1} KiB", b / 1024.0),
+            1_048_576..1_073_741_824 => write!(f, "{:.1} MiB", b / 1_048_576.0),
+            _ => write!(f, "{:.2} GiB", b / 1_073_741_824.0),
         }
     }
 }
@@ -161,6 +187,14 @@ impl fmt::Display for LatencyReport {
         )?;
         dist_line(f, "run-queue wait", "waits", &self.runq_wait_ns)?;
         dist_line(f, "off-CPU", "sleeps", &self.off_cpu_ns)?;
+        if self.block_io_ns.count > 0 {
+            dist_line(
+                f,
+                "block I/O",
+                &format!("bios ({})", Bytes(self.block_io_bytes)),
+                &self.block_io_ns,
+            )?;
+        }
         if self.execs > 1 {
             dist_line(f, "spawn to exec", "execs", &self.spawn_to_exec_ns)?;
             dist_line(f, "exec to exit", "processes", &self.exec_to_exit_ns)?;
@@ -180,7 +214,7 @@ impl fmt::Display for LatencyReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::bpf::Job;
+    use crate::sys::bpf::{BioJob, Job};
     use crate::telemetry::hist::bucket_of;
 
     fn sample_job() -> Job {
@@ -206,7 +240,7 @@ mod tests {
             spawn_ns: 10_000_000,
             ..Lifecycle::default()
         };
-        let r = LatencyReport::build(&sample_job(), life);
+        let r = LatencyReport::build(&sample_job(), None, life);
         assert_eq!(r.command.spawn_to_exec_ns, Some(500));
         assert_eq!(r.command.exec_to_exit_ns, Some(200_000_000));
         assert_eq!(r.off_cpu_ns.total, 200_000_000);
@@ -224,19 +258,19 @@ mod tests {
         life.spawn_to_exec.record(5_000);
         life.exec_to_exit.record(1_000);
         // Without a spawn timestamp the command's spawn-to-exec is its fork-to-exec.
-        let r = LatencyReport::build(&job, life.clone());
+        let r = LatencyReport::build(&job, None, life.clone());
         assert_eq!(r.spawn_to_exec_ns.count, 2);
         assert_eq!(r.spawn_to_exec_ns.total, 5_700);
         assert_eq!(r.exec_to_exit_ns.count, 2);
         assert_eq!(r.exec_to_exit_ns.total, 150_001_000);
         // With one, the clone3 timestamp wins.
         life.spawn_ns = 10_000_000;
-        let r = LatencyReport::build(&job, life);
+        let r = LatencyReport::build(&job, None, life);
         assert_eq!(r.spawn_to_exec_ns.total, 5_500);
         // No exec, no exit: nothing joins.
         job.first_exec_ns = 0;
         job.leader_exit_ns = 0;
-        let r = LatencyReport::build(&job, Lifecycle::default());
+        let r = LatencyReport::build(&job, None, Lifecycle::default());
         assert_eq!(r.spawn_to_exec_ns.count, 0);
         assert_eq!(r.exec_to_exit_ns.count, 0);
     }
@@ -245,19 +279,21 @@ mod tests {
     fn missing_timestamps_give_none_not_garbage() {
         let mut job = sample_job();
         job.leader_exit_ns = 0;
-        let r = LatencyReport::build(&job, Lifecycle::default());
+        let r = LatencyReport::build(&job, None, Lifecycle::default());
         assert_eq!(r.command, CommandLatency::default());
     }
 
     #[test]
     fn json_has_the_documented_field_names() {
-        let r = LatencyReport::build(&sample_job(), Lifecycle::default());
+        let r = LatencyReport::build(&sample_job(), None, Lifecycle::default());
         let v = serde_json::to_value(&r).expect("serialise");
         for key in [
             "spawn_to_exec_ns",
             "exec_to_exit_ns",
             "runq_wait_ns",
             "off_cpu_ns",
+            "block_io_ns",
+            "block_io_bytes",
             "on_cpu_ns",
             "voluntary_switches",
             "involuntary_switches",
@@ -276,7 +312,7 @@ mod tests {
 
     #[test]
     fn display_is_a_short_readable_breakdown() {
-        let r = LatencyReport::build(&sample_job(), Lifecycle::default());
+        let r = LatencyReport::build(&sample_job(), None, Lifecycle::default());
         let text = r.to_string();
         assert!(
             text.contains("off-CPU         200.0 ms over 1 sleeps"),
@@ -287,5 +323,48 @@ mod tests {
             "{text}"
         );
         assert!(text.lines().count() <= 8, "{text}");
+        assert!(!text.contains("block I/O"), "no block I/O, no line: {text}");
+    }
+
+    fn sample_bio() -> BioJob {
+        let mut bio = BioJob::ZERO;
+        for v in [100_000, 100_000, 300_000, 2_000_000] {
+            bio.latency.buckets[bucket_of(v)] += 1;
+            bio.latency.count += 1;
+            bio.latency.total += v;
+            bio.latency.max = bio.latency.max.max(v);
+        }
+        bio.bytes = 4 * 65536;
+        bio
+    }
+
+    #[test]
+    fn block_io_comes_from_its_own_entry_and_shows_when_there_is_some() {
+        let r = LatencyReport::build(&sample_job(), Some(&sample_bio()), Lifecycle::default());
+        assert_eq!(r.block_io_ns.count, 4);
+        assert_eq!(r.block_io_ns.total, 2_500_000);
+        assert_eq!(r.block_io_ns.max, 2_000_000);
+        assert!(
+            r.block_io_ns.p50 >= 87_500 && r.block_io_ns.p50 <= 112_500,
+            "{r:#?}"
+        );
+        assert_eq!(r.block_io_bytes, 262_144);
+        let text = r.to_string();
+        assert!(
+            text.contains("block I/O       2.5 ms over 4 bios (256.0 KiB): p50"),
+            "{text}"
+        );
+        let v = serde_json::to_value(&r).expect("serialise");
+        for key in ["total", "count", "p50", "p90", "p99", "max", "buckets"] {
+            assert!(
+                v["block_io_ns"].get(key).is_some(),
+                "missing block_io_ns.{key}"
+            );
+        }
+        assert_eq!(v["block_io_ns"]["count"], 4);
+        // No entry: nothing, and an empty distribution rather than garbage.
+        let none = LatencyReport::build(&sample_job(), None, Lifecycle::default());
+        assert_eq!(none.block_io_ns, Distribution::default());
+        assert_eq!(none.block_io_bytes, 0);
     }
 }
