@@ -389,6 +389,7 @@ static __always_inline void emit(struct joblet_job *job, u64 cgid, u64 now, u64 
 	e->flags = flags;
 	e->_pad = 0;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	__sync_fetch_and_add(&job->records, 1);
 	submit(e);
 }
 

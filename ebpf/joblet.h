@@ -58,6 +58,11 @@ struct joblet_job {
 	__u32 origin_tgid;
 	__u32 flags; /* JOBLET_JOB_*: set by the probes, read by userspace */
 	__u64 origin_exec_ns;
+	/*
+	 * Ring buffer records submitted for the job (other processes' exec and exit): when 0,
+	 * userspace has nothing of this job to drain from the ring at `finish`.
+	 */
+	__u64 records;
 	struct joblet_hist runq;
 	struct joblet_hist off_cpu;
 };

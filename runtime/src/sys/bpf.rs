@@ -51,6 +51,8 @@ pub(crate) struct Job {
     pub(crate) flags: u32,
     /// Its last exec (probe-internal).
     pub(crate) origin_exec_ns: u64,
+    /// Ring buffer records the probes submitted for the job.
+    pub(crate) records: u64,
     pub(crate) runq: Hist,
     pub(crate) off_cpu: Hist,
 }
@@ -108,6 +110,7 @@ impl Job {
         origin_tgid: 0,
         flags: 0,
         origin_exec_ns: 0,
+        records: 0,
         runq: Hist::ZERO,
         off_cpu: Hist::ZERO,
     };
@@ -172,7 +175,7 @@ impl Event {
 }
 
 const _: () = assert!(size_of::<Hist>() == 24 + 8 * HIST_BUCKETS);
-const _: () = assert!(size_of::<Job>() == 8 * 14 + 8 * 2 + 2 * size_of::<Hist>());
+const _: () = assert!(size_of::<Job>() == 8 * 15 + 8 * 2 + 2 * size_of::<Hist>());
 const _: () = assert!(size_of::<BioJob>() == 8 * 2 + size_of::<Hist>());
 
 // SAFETY: `Hist` is `#[repr(C)]`, made only of `u64`s (no padding, every bit pattern valid).

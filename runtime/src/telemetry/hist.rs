@@ -82,8 +82,9 @@ pub(crate) struct Recorder {
     exact: Vec<u64>,
     /// Every value, once there were more than [`EXACT_CAP`] (created then, lazily).
     hdr: Option<Histogram<u64>>,
-    /// A kernel histogram's buckets, with the value each stands for (see `from_kernel`).
-    kernel: Vec<(u64, u64)>,
+    /// A kernel histogram's non-empty buckets: (index, the value each of its values stands for
+    /// (see `from_kernel`), count), in increasing order. `buckets` stays empty for those.
+    kernel: Vec<(usize, u64, u64)>,
     total: u64,
     max: u64,
     buckets: BTreeMap<usize, u64>,
@@ -118,8 +119,12 @@ impl Recorder {
     /// them: the top bucket ends at the exact max, and a histogram with a single non-empty bucket
     /// is read at its exact mean (total / count).
     pub(crate) fn from_kernel(h: &Hist) -> Recorder {
+        // Built for every finished job: one pass over the buckets, no map (a report is built
+        // right after the job ran, with cold caches, where every allocation and pass shows).
         let mut r = Recorder::default();
-        let non_empty = h.buckets.iter().filter(|&&n| n != 0).count();
+        if h.count == 0 {
+            return r;
+        }
         let max_bucket = bucket_of(h.max);
         for (idx, &n) in h.buckets.iter().enumerate().take(HIST_BUCKETS) {
             if n == 0 {
@@ -129,36 +134,40 @@ impl Recorder {
             if idx == max_bucket {
                 to = to.min(h.max.saturating_add(1)).max(from + 1);
             }
-            let mid = if non_empty == 1 && h.count == n {
-                (h.total / n).clamp(from, to - 1)
+            r.kernel.push((idx, from + (to - from) / 2, n));
+        }
+        if let [(idx, mid, n)] = &mut r.kernel[..]
+            && h.count == *n
+        {
+            let (from, to) = bucket_bounds(*idx);
+            let to = if *idx == max_bucket {
+                to.min(h.max.saturating_add(1)).max(from + 1)
             } else {
-                from + (to - from) / 2
+                to
             };
-            r.kernel.push((mid, n));
-            r.buckets.insert(idx, n);
+            *mid = (h.total / *n).clamp(from, to - 1);
         }
         r.total = h.total;
         r.max = h.max;
         r
     }
 
-    /// The value of nearest rank `rank` (1-based) among `count` values.
-    fn at_rank(&self, rank: u64, q: f64) -> u64 {
+    /// The value of nearest rank `rank` (1-based) among `count` values; `sorted` is `exact`,
+    /// sorted.
+    fn at_rank(&self, rank: u64, q: f64, sorted: &[u64]) -> u64 {
         if let Some(hdr) = &self.hdr {
             return hdr.value_at_quantile(q);
         }
         if !self.kernel.is_empty() {
             let mut seen = 0;
-            for &(value, n) in &self.kernel {
+            for &(_, value, n) in &self.kernel {
                 seen += n;
                 if seen >= rank {
                     return value;
                 }
             }
-            return self.kernel.last().map_or(0, |&(v, _)| v);
+            return self.kernel.last().map_or(0, |&(_, v, _)| v);
         }
-        let mut sorted = self.exact.clone();
-        sorted.sort_unstable();
         sorted
             .get(rank.saturating_sub(1) as usize)
             .or(sorted.last())
@@ -169,14 +178,27 @@ impl Recorder {
     /// The distribution's summary. Percentiles are nearest-rank; they are clamped to the exact
     /// maximum, since a bucket midpoint can exceed it.
     pub(crate) fn distribution(&self) -> Distribution {
-        let count = self.buckets.values().sum();
+        let count = if self.kernel.is_empty() {
+            self.buckets.values().sum()
+        } else {
+            self.kernel.iter().map(|&(_, _, n)| n).sum()
+        };
+        let mut sorted = Vec::new();
+        if self.hdr.is_none() && self.kernel.is_empty() && count > 0 {
+            sorted.clone_from(&self.exact);
+            sorted.sort_unstable();
+        }
         let q = |q: f64| {
             if count == 0 {
                 0
             } else {
                 let rank = ((q * count as f64).ceil() as u64).clamp(1, count);
-                self.at_rank(rank, q).min(self.max)
+                self.at_rank(rank, q, &sorted).min(self.max)
             }
+        };
+        let bucket = |idx: usize, count: u64| {
+            let (from, to) = bucket_bounds(idx);
+            Bucket { from, to, count }
         };
         Distribution {
             total: self.total,
@@ -185,14 +207,17 @@ impl Recorder {
             p90: q(0.90),
             p99: q(0.99),
             max: self.max,
-            buckets: self
-                .buckets
-                .iter()
-                .map(|(&idx, &count)| {
-                    let (from, to) = bucket_bounds(idx);
-                    Bucket { from, to, count }
-                })
-                .collect(),
+            buckets: if self.kernel.is_empty() {
+                self.buckets
+                    .iter()
+                    .map(|(&idx, &count)| bucket(idx, count))
+                    .collect()
+            } else {
+                self.kernel
+                    .iter()
+                    .map(|&(idx, _, count)| bucket(idx, count))
+                    .collect()
+            },
         }
     }
 }

@@ -507,8 +507,11 @@ impl Telemetry {
         };
         let mut events = self.events();
         // Every record of the job was submitted before its processes exited, so one drain after
-        // the map read sees them all, whether or not they woke the reader.
-        events.drain();
+        // the map read sees them all, whether or not they woke the reader. Most jobs (a command
+        // that forks nothing) sent none and need no drain.
+        if job.as_ref().is_ok_and(|job| job.records > 0) {
+            events.drain();
+        }
         let life = events.jobs.remove(&cgroup_id);
         drop(events);
         Ok(LatencyReport::build(
