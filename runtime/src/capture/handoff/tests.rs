@@ -355,24 +355,50 @@ fn read_back(path: &Path) -> (Vec<u8>, Vec<u8>, bool, bool, u64) {
 
 /// A job in this process: a thread writing `lines` numbered lines into a pipe, captured by
 /// `cap` into a fresh log in `state`.
-fn started_job(
-    cap: &Capture,
-    state: &StateDir,
-    name: &str,
-    lines: u64,
-) -> (CaptureHandle, std::thread::JoinHandle<()>) {
+fn started_job(cap: &Capture, state: &StateDir, name: &str, lines: u64) -> (CaptureHandle, Writer) {
     let id = JobId::parse(name).unwrap();
     let (r, w) = pipe();
     let h = cap
         .add(id.clone(), Some(r), None, state.create_job(&id).unwrap())
         .unwrap();
-    let writer = std::thread::spawn(move || {
+    let (gate, released) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
         let mut w = std::io::BufWriter::new(std::fs::File::from(w));
         for i in 0..lines {
             writeln!(w, "{i}").unwrap();
         }
+        w.flush().unwrap();
+        // Returns when the gate is dropped; the pipe closes (the job ends) after.
+        let _ = released.recv();
     });
-    (h, writer)
+    (
+        h,
+        Writer {
+            gate: Some(gate),
+            thread,
+        },
+    )
+}
+
+/// A test job's writing end. It writes its lines, then keeps the pipe open (the job runs on)
+/// until released: a job is still running when a test detaches it, however fast the machine
+/// writes the lines.
+struct Writer {
+    gate: Option<std::sync::mpsc::Sender<()>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Writer {
+    /// Lets the job end once its lines are written.
+    fn release(&mut self) {
+        self.gate = None;
+    }
+
+    /// Releases the job and waits until its pipe is closed.
+    fn join(mut self) -> std::thread::Result<()> {
+        self.release();
+        self.thread.join()
+    }
 }
 
 fn assert_lines(out: &[u8], lines: u64) {
@@ -536,9 +562,11 @@ fn without_an_answer_the_log_lock_decides_who_owns_the_job() {
 
     // 3. As 2, but the receiver captures the job to its end (and releases the log) before the
     // connection drops: the complete log says the job was taken.
-    let (h, writer) = started_job(&cap, &state, "finished", 200_000);
+    let (h, mut writer) = started_job(&cap, &state, "finished", 200_000);
     std::thread::sleep(Duration::from_millis(5));
     let d = h.detach().unwrap().unwrap();
+    // The receiver waits for the job's end before it drops the connection.
+    writer.release();
     let (a, b) = socketpair();
     let st = state.clone();
     let receiver = std::thread::spawn(move || {
