@@ -18,7 +18,7 @@ mod report;
 
 use std::collections::HashMap as StdHashMap;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -155,6 +155,15 @@ pub enum TelemetryError {
     /// A global counter could not be read.
     #[error("failed to read eBPF counter {0}")]
     Counter(&'static str, #[source] MapError),
+    /// A map's fd could not be duplicated (out of file descriptors).
+    #[error("failed to duplicate the fd of eBPF map {map}")]
+    DupMapFd {
+        /// The map.
+        map: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
     /// The ring buffer reader (epoll, eventfd, thread) could not be set up.
     #[error("failed to start the ring buffer reader")]
     Reader(#[source] io::Error),
@@ -239,8 +248,12 @@ fn record(life: &mut Lifecycle, event: &Event) {
 /// The loaded, attached probes. One per process; share it by reference (`&self` methods).
 pub struct Telemetry {
     jobs: Mutex<HashMap<MapData, u64, Job>>,
+    /// `jobs`'s fd, for the lookup-and-delete syscall without the lock.
+    jobs_fd: OwnedFd,
     /// Block I/O latency of the jobs that did block I/O (`Job::flags` has `JOB_BLOCK_IO`).
     bio_jobs: Mutex<HashMap<MapData, u64, BioJob>>,
+    /// `bio_jobs`'s fd, like `jobs_fd`.
+    bio_jobs_fd: OwnedFd,
     /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` failed on a hash map (kernel < 5.14): lookup + delete.
     no_lookup_and_delete: AtomicBool,
     counters: Array<MapData, u64>,
@@ -425,6 +438,8 @@ impl Telemetry {
             .spawn(move || read_loop(&epoll_fd, &reader_events))
             .map_err(TelemetryError::Reader)?;
         Ok(Telemetry {
+            jobs_fd: dup_map_fd(&jobs, "jobs")?,
+            bio_jobs_fd: dup_map_fd(&bio_jobs, "bio_jobs")?,
             jobs: Mutex::new(jobs),
             bio_jobs: Mutex::new(bio_jobs),
             no_lookup_and_delete: AtomicBool::new(false),
@@ -523,8 +538,7 @@ impl Telemetry {
 
     /// Reads and deletes the job's map entry.
     fn take_job(&self, cgroup_id: u64) -> Result<Job, TelemetryError> {
-        let mut jobs = self.jobs_map();
-        self.take(&mut jobs, cgroup_id)?
+        self.take(&self.jobs, self.jobs_fd.as_fd(), cgroup_id)?
             .ok_or(TelemetryError::NotWatched { cgroup_id })
     }
 
@@ -540,10 +554,10 @@ impl Telemetry {
         if job.flags & JOB_BLOCK_IO == 0 {
             return Ok(None);
         }
-        let mut map = self.bio_jobs.lock().unwrap_or_else(|e| e.into_inner());
         let bio = if take {
-            self.take(&mut map, cgroup_id)?
+            self.take(&self.bio_jobs, self.bio_jobs_fd.as_fd(), cgroup_id)?
         } else {
+            let map = self.bio_jobs.lock().unwrap_or_else(|e| e.into_inner());
             match map.get(&cgroup_id, 0) {
                 Ok(bio) => Some(bio),
                 Err(MapError::KeyNotFound) => None,
@@ -553,21 +567,25 @@ impl Telemetry {
         Ok(bio.filter(|b| b.generation == job.generation))
     }
 
-    /// Reads and deletes `cgroup_id`'s entry of a hash map: one syscall, or a lookup and a
-    /// delete before 5.14. `None` when there is no such entry.
+    /// Reads and deletes `cgroup_id`'s entry of a hash map (`fd` is the map's): one syscall, or
+    /// a lookup and a delete before 5.14. `None` when there is no such entry. The syscall needs
+    /// no lock (the kernel's map is safe to share): threads finishing jobs at the same time do
+    /// not wait for each other's copy of a 4 KiB entry.
     fn take<V: aya::Pod>(
         &self,
-        map: &mut HashMap<MapData, u64, V>,
+        map: &Mutex<HashMap<MapData, u64, V>>,
+        fd: BorrowedFd<'_>,
         cgroup_id: u64,
     ) -> Result<Option<V>, TelemetryError> {
         if !self.no_lookup_and_delete.load(Ordering::Relaxed) {
-            match crate::sys::bpf::lookup_and_delete(map.map().fd().as_fd(), &cgroup_id) {
+            match crate::sys::bpf::lookup_and_delete(fd, &cgroup_id) {
                 Ok(value) => return Ok(Some(value)),
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
                 // EINVAL, or ENOTSUPP (524, kernel-internal) before 5.14: fall back for good.
                 Err(_) => self.no_lookup_and_delete.store(true, Ordering::Relaxed),
             }
         }
+        let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
         let value = match map.get(&cgroup_id, 0) {
             Ok(value) => value,
             Err(MapError::KeyNotFound) => return Ok(None),
@@ -728,6 +746,18 @@ impl Owner {
 /// arguments than the tracepoint has.
 fn is_einval(e: &ProgramError) -> bool {
     matches!(e, ProgramError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::EINVAL))
+}
+
+/// A second fd for a hash map, usable without the lock around aya's handle.
+fn dup_map_fd<V: aya::Pod>(
+    map: &HashMap<MapData, u64, V>,
+    name: &'static str,
+) -> Result<OwnedFd, TelemetryError> {
+    map.map()
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| TelemetryError::DupMapFd { map: name, source })
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, TelemetryError> {
