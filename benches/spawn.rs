@@ -35,7 +35,10 @@
 //! Telemetry "off" means no probes attached at all: the probes are loaded once, before the
 //! first cell, and attached only for the traced cells (before their warm-up, detached after
 //! their measurement), so the other modes never pay for the probes' filter on the host's context
-//! switches, and no mode pays for loading or freeing them.
+//! switches, and no mode pays for loading or freeing them. `pooled` and `traced` share one
+//! runtime per (program, threads), so they differ only by the telemetry
+//! ([`Runtime::set_telemetry`] / [`Runtime::clear_telemetry`]), not by a cgroup pool built or
+//! torn down around them.
 //!
 //! It creates its own state dir (a temp dir) and removes it, and its cgroups are removed by the
 //! runtime (a pool's idle sets when its runtime is dropped).
@@ -177,11 +180,21 @@ fn print_telemetry(
             n if n % 2 == 1 => ratios[n / 2],
             n => (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0,
         };
+        // The middle half of the per-round ratios: how far one median of this many rounds can
+        // be trusted on this machine.
+        let quartile = |q: f64| {
+            ratios
+                .get(((ratios.len() as f64 - 1.0) * q).round() as usize)
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
         println!(
-            "  {label:<14} {n} thread(s): {:>7.0} jobs/s off, {:>7.0} on: {:+.1}%, median of rounds {median:+.1}% (rounds: {})",
+            "  {label:<14} {n} thread(s): {:>7.0} jobs/s off, {:>7.0} on: {:+.1}%, median of rounds {median:+.1}% (middle half {:+.1}% to {:+.1}%; rounds: {})",
             off.jobs_per_sec(),
             on.jobs_per_sec(),
             100.0 * (on.jobs_per_sec() - off.jobs_per_sec()) / off.jobs_per_sec(),
+            quartile(0.25),
+            quartile(0.75),
             per_round.join(" ")
         );
         // CPU per job moves much less than throughput when others load the machine.
@@ -333,6 +346,15 @@ fn main() {
     for program in &programs {
         for &n in &threads {
             let mut cells = std::array::from_fn(|_| Cell::new());
+            // `pooled` and `traced` share one runtime (its cgroup pool and root template), made
+            // once: no cell pays for the previous cell's pool being torn down, and the two
+            // differ only by the telemetry.
+            let mut shared = Runtime::new(&RuntimeConfig {
+                state_dir: state.path().to_owned(),
+                cgroup_pool: POOL_PER_THREAD * n,
+                ..RuntimeConfig::default()
+            })
+            .expect("create the runtime");
             for round in 0..rounds {
                 let mut order: Vec<(usize, Mode)> = Mode::ALL.into_iter().enumerate().collect();
                 if round % 2 == 1 {
@@ -348,7 +370,7 @@ fn main() {
                         floor_cgroup: floor.fd.as_fd(),
                         telemetry: telemetry.as_ref(),
                     };
-                    run_cell(mode, &target, n, per_cell, &mut cells[i]);
+                    run_cell(mode, &target, &mut shared, n, per_cell, &mut cells[i]);
                 }
             }
             results.push((program.label, n, cells));
@@ -410,7 +432,14 @@ struct Target<'a> {
 }
 
 /// Runs `mode` with `threads` spawning threads for `dur` (after a short warm-up) into `cell`.
-fn run_cell(mode: Mode, target: &Target<'_>, threads: usize, dur: Duration, cell: &mut Cell) {
+fn run_cell(
+    mode: Mode,
+    target: &Target<'_>,
+    shared: &mut Runtime,
+    threads: usize,
+    dur: Duration,
+    cell: &mut Cell,
+) {
     let Target {
         program,
         state,
@@ -421,10 +450,18 @@ fn run_cell(mode: Mode, target: &Target<'_>, threads: usize, dur: Duration, cell
     if let Some(t) = telemetry {
         t.set_attached(true).expect("attach the eBPF probes");
     }
-    let runtime = match mode {
+    let owned;
+    let runtime: Option<&Runtime> = match mode {
         Mode::Bare | Mode::NsCgroup => None,
-        Mode::Pooled | Mode::Fresh | Mode::PooledNoTemplate | Mode::PooledTraced => Some({
-            let mut rt = Runtime::new(&RuntimeConfig {
+        Mode::Pooled | Mode::PooledTraced => {
+            match telemetry {
+                Some(t) => shared.set_telemetry(std::sync::Arc::clone(t)),
+                None => shared.clear_telemetry(),
+            }
+            Some(shared)
+        }
+        Mode::Fresh | Mode::PooledNoTemplate => {
+            owned = Runtime::new(&RuntimeConfig {
                 state_dir: state.to_owned(),
                 cgroup_pool: if mode == Mode::Fresh {
                     0
@@ -435,11 +472,8 @@ fn run_cell(mode: Mode, target: &Target<'_>, threads: usize, dur: Duration, cell
                 ..RuntimeConfig::default()
             })
             .expect("create the runtime");
-            if let Some(t) = &telemetry {
-                rt.set_telemetry(std::sync::Arc::clone(t));
-            }
-            rt
-        }),
+            Some(&owned)
+        }
     };
     let devnull = std::fs::OpenOptions::new()
         .write(true)
@@ -448,7 +482,7 @@ fn run_cell(mode: Mode, target: &Target<'_>, threads: usize, dur: Duration, cell
     let devnull: OwnedFd = devnull.into();
     let one = |hist: &mut Histogram<u64>| {
         let t0 = Instant::now();
-        match &runtime {
+        match runtime {
             None => {
                 let code = if mode == Mode::NsCgroup {
                     testsupport::ns_cgroup_spawn_wait(&program.path, floor_cgroup)
@@ -518,7 +552,9 @@ fn run_cell(mode: Mode, target: &Target<'_>, threads: usize, dur: Duration, cell
         let jobs = hists.iter().map(|h| h.len()).sum::<u64>();
         (jobs, elapsed, cpu, hists)
     });
-    drop(runtime);
+    if mode == Mode::PooledTraced {
+        shared.clear_telemetry();
+    }
     if let Some(t) = telemetry {
         t.set_attached(false).expect("detach the eBPF probes");
     }

@@ -213,6 +213,11 @@ impl Runtime {
         self.telemetry = Some(telemetry);
     }
 
+    /// Stops measuring jobs spawned from now on (jobs already spawned keep their telemetry).
+    pub fn clear_telemetry(&mut self) {
+        self.telemetry = None;
+    }
+
     /// The cgroup driver in use.
     pub fn cgroups(&self) -> &dyn CgroupDriver {
         &*self.cgroups
