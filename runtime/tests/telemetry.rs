@@ -503,6 +503,16 @@ fn unwatched_jobs_are_refused() {
 
 /// Runs `command` as a job of `rt` and returns its cgroup id and latency report.
 fn spawn_traced(rt: &Runtime, command: &[&str]) -> (u64, LatencyReport) {
+    let (cgroup, record, report) = spawn_job(rt, command);
+    assert_eq!(record.exit_code, Some(0), "{command:?}: {:?}", record.error);
+    (cgroup, report.expect("a traced job has a latency report"))
+}
+
+/// Runs `command` as a job of `rt`: its cgroup id, record and latency report (if any).
+fn spawn_job(
+    rt: &Runtime,
+    command: &[&str],
+) -> (u64, joblet_runtime::job::JobRecord, Option<LatencyReport>) {
     let devnull = || -> std::os::fd::OwnedFd {
         std::fs::OpenOptions::new()
             .write(true)
@@ -528,25 +538,20 @@ fn spawn_traced(rt: &Runtime, command: &[&str]) -> (u64, LatencyReport) {
     let cgroup = job.cgroup_id();
     let status = job.wait().expect("wait for the job");
     let (record, report) = job.finish_traced(status, StopReason::default());
-    assert_eq!(record.exit_code, Some(0), "{command:?}: {:?}", record.error);
-    (cgroup, report.expect("a traced job has a latency report"))
+    (cgroup, record, report)
 }
 
-#[test]
-fn spawned_jobs_are_measured_without_watch_and_apart_in_a_reused_cgroup() {
-    let Some((_serial, _)) = telemetry() else {
-        return;
-    };
-    // The runtime's own instance: the probes adopt tasks that *this* loader clones into a cgroup.
-    let t = Arc::new(Telemetry::load().expect("load a second instance of the probes"));
-    let state = tempfile::tempdir().expect("state dir");
+/// A runtime with its own instance of the probes (the probes adopt tasks that *this* loader
+/// clones into a cgroup), pooling one cgroup set where the kernel allows it: kernels before 6.12
+/// cannot reset memory.peak, so the runtime refuses to pool there (and reuse cannot happen).
+/// Whether it pools is the third value.
+fn pooled_traced_runtime(state: &std::path::Path) -> (Runtime, Arc<Telemetry>, bool) {
+    let t = Arc::new(Telemetry::load().expect("load an instance of the probes"));
     let config = |cgroup_pool| RuntimeConfig {
-        state_dir: state.path().to_owned(),
+        state_dir: state.to_owned(),
         cgroup_pool,
         ..RuntimeConfig::default()
     };
-    // Kernels before 6.12 cannot reset memory.peak, so the runtime refuses to pool cgroups there
-    // (and reuse, what the second half checks, cannot happen); spawning without watch still can.
     let (mut rt, pooled) = match Runtime::new(&config(1)) {
         Ok(rt) => (rt, true),
         Err(SpawnError::Cgroup(CgroupError::Unsupported(why))) => {
@@ -556,6 +561,18 @@ fn spawned_jobs_are_measured_without_watch_and_apart_in_a_reused_cgroup() {
         Err(e) => panic!("create the runtime: {e:#?}"),
     };
     rt.set_telemetry(Arc::clone(&t));
+    (rt, t, pooled)
+}
+
+#[test]
+fn spawned_jobs_are_measured_without_watch_and_apart_in_a_reused_cgroup() {
+    let Some((_serial, _)) = telemetry() else {
+        return;
+    };
+    // Without a pool (before 6.12) the second half's reuse cannot happen; spawning without
+    // watch is still checked.
+    let state = tempfile::tempdir().expect("state dir");
+    let (rt, t, pooled) = pooled_traced_runtime(state.path());
 
     // Three processes that each fork and exec, then a single exec, in the same pooled cgroup.
     let (first_cg, first) = spawn_traced(
@@ -652,34 +669,8 @@ fn detached_probes_measure_nothing_until_attached_again() {
     let (rt, t) = traced_runtime(state.path());
     t.set_attached(false).expect("detach");
     t.set_attached(false).expect("detaching twice is a no-op");
-    let job = |rt: &Runtime| {
-        let devnull = || -> std::os::fd::OwnedFd {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open("/dev/null")
-                .expect("open /dev/null")
-                .into()
-        };
-        let spec = JobSpec {
-            id: JobId::generate(),
-            name: None,
-            labels: Default::default(),
-            command: vec![OsString::from("/bin/true")],
-            env: Vec::new(),
-            limits: Limits::default(),
-            sandbox: Sandbox::default(),
-        };
-        let stdio = joblet_runtime::Stdio {
-            stdin: None,
-            stdout: devnull(),
-            stderr: devnull(),
-        };
-        let job = rt.spawn(&spec, stdio).expect("spawn the job");
-        let status = job.wait().expect("wait for the job");
-        job.finish_traced(status, StopReason::default())
-    };
     // No fork probe ran: the job was never measured, and its record says so.
-    let (record, report) = job(&rt);
+    let (_, record, report) = spawn_job(&rt, &["/bin/true"]);
     assert_eq!(record.exit_code, Some(0));
     assert!(
         report.is_none(),
@@ -689,7 +680,7 @@ fn detached_probes_measure_nothing_until_attached_again() {
     assert!(error.contains("watched"), "{error}");
     t.set_attached(true).expect("attach again");
     t.set_attached(true).expect("attaching twice is a no-op");
-    let (record, report) = job(&rt);
+    let (_, record, report) = spawn_job(&rt, &["/bin/true"]);
     assert_eq!(record.exit_code, Some(0));
     let r = report.expect("attached probes measure the job");
     assert_eq!((r.forks, r.execs, r.exits), (1, 1, 1), "{r:#?}");
@@ -848,24 +839,9 @@ fn spawned_jobs_report_their_direct_io_apart_in_a_reused_cgroup() {
     let Some((_serial, _, dir)) = telemetry_and_disk() else {
         return;
     };
-    let t = Arc::new(Telemetry::load().expect("load an instance of the probes"));
+    // No pool before 6.12, and then no reuse to check.
     let state = tempfile::tempdir().expect("state dir");
-    let config = |cgroup_pool| RuntimeConfig {
-        state_dir: state.path().to_owned(),
-        cgroup_pool,
-        ..RuntimeConfig::default()
-    };
-    // As in spawned_jobs_are_measured_without_watch_and_apart_in_a_reused_cgroup: no pool
-    // before 6.12, and then no reuse to check.
-    let (mut rt, pooled) = match Runtime::new(&config(1)) {
-        Ok(rt) => (rt, true),
-        Err(SpawnError::Cgroup(CgroupError::Unsupported(why))) => {
-            eprintln!("cgroup pool unsupported here ({why}): checking fresh cgroups only");
-            (Runtime::new(&config(0)).expect("create the runtime"), false)
-        }
-        Err(e) => panic!("create the runtime: {e:#?}"),
-    };
-    rt.set_telemetry(Arc::clone(&t));
+    let (rt, t, pooled) = pooled_traced_runtime(state.path());
     let disk = joblet_runtime::job::Bind {
         source: dir.path().to_owned(),
         target: PathBuf::from("/work/disk"),
