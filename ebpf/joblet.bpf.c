@@ -312,7 +312,11 @@ static __always_inline u32 bucket_of(u64 v)
 
 static __always_inline void hist_add(struct joblet_hist *h, u64 v)
 {
-	u32 idx = bucket_of(v) & (JOBLET_HIST_BUCKETS - 1);
+	u32 idx = bucket_of(v);
+
+	idx = idx < JOBLET_HIST_FIRST ? 0 : idx - JOBLET_HIST_FIRST;
+	if (idx >= JOBLET_HIST_BUCKETS)
+		idx = JOBLET_HIST_BUCKETS - 1;
 
 	__sync_fetch_and_add(&h->buckets[idx], 1);
 	__sync_fetch_and_add(&h->count, 1);

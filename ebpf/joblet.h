@@ -8,11 +8,15 @@
 #define JOBLET_SHARED_H
 
 /*
- * Log-linear histogram: values 0..3 have a bucket each, then every power of two [2^k, 2^(k+1))
- * is split into 4 equal sub-buckets, so a bucket's width is at most 25% of its lower bound.
- * Index 4*(k-1)+s for k >= 2, s = the two bits after the leading one; 252 buckets cover u64.
+ * Log-linear histogram: every power of two [2^k, 2^(k+1)) is split into 4 equal sub-buckets, so
+ * a bucket's width is at most 25% of its lower bound: bucket_of() gives 4*(k-1)+s for k >= 2, s
+ * the two bits after the leading one (values 0..3 have a bucket each). A job's histograms keep
+ * bucket_of 16 to 183: values below 32 ns share the first kept bucket, values from 7 * 2^44 ns
+ * (about 34 h) the last (the exact max bounds it). 168 buckets where all of u64 takes 252: a job
+ * entry is copied at every spawn and every finish.
  */
-#define JOBLET_HIST_BUCKETS 256
+#define JOBLET_HIST_FIRST 16
+#define JOBLET_HIST_BUCKETS 168
 
 struct joblet_hist {
 	__u64 total; /* sum of the recorded values, ns */

@@ -10,7 +10,9 @@
 //! below pin to the C layout (a mismatch fails the build, not the verifier).
 
 /// Buckets of a probe histogram (`JOBLET_HIST_BUCKETS`).
-pub(crate) const HIST_BUCKETS: usize = 256;
+pub(crate) const HIST_BUCKETS: usize = 168;
+/// The `bucket_of` index of a probe histogram's first bucket (`JOBLET_HIST_FIRST`).
+pub(crate) const HIST_FIRST: usize = 16;
 
 /// `struct joblet_hist`: a log-linear histogram of nanoseconds, filled in the kernel.
 #[repr(C)]

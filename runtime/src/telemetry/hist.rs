@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use crate::sys::bpf::{HIST_BUCKETS, Hist};
+use crate::sys::bpf::{HIST_BUCKETS, HIST_FIRST, Hist};
 
 /// The bucket index of `v` (same function as the probes').
 pub(crate) fn bucket_of(v: u64) -> usize {
@@ -33,6 +33,23 @@ pub(crate) fn bucket_bounds(idx: usize) -> (u64, u64) {
     let width = 1u64 << (k - 2);
     let from = (4 + s) << (k - 2);
     (from, from.saturating_add(width))
+}
+
+/// The index in a probe histogram of value `v`: its [`bucket_of`], with values below 32 ns in
+/// the first kept bucket and values from 7 * 2^44 ns (~34 h) in the last (`JOBLET_HIST_FIRST` in
+/// `ebpf/joblet.h`).
+pub(crate) fn kernel_index(v: u64) -> usize {
+    bucket_of(v).clamp(HIST_FIRST, HIST_FIRST + HIST_BUCKETS - 1) - HIST_FIRST
+}
+
+/// The half-open range `[from, to)` of probe histogram bucket `i`: [`bucket_bounds`] of bucket
+/// `i + HIST_FIRST`, the first reaching down to 0 and the last up to `u64::MAX`.
+pub(crate) fn kernel_bounds(i: usize) -> (u64, u64) {
+    let (from, to) = bucket_bounds(i + HIST_FIRST);
+    (
+        if i == 0 { 0 } else { from },
+        if i == HIST_BUCKETS - 1 { u64::MAX } else { to },
+    )
 }
 
 /// A latency distribution, in nanoseconds.
@@ -82,9 +99,10 @@ pub(crate) struct Recorder {
     exact: Vec<u64>,
     /// Every value, once there were more than [`EXACT_CAP`] (created then, lazily).
     hdr: Option<Histogram<u64>>,
-    /// A kernel histogram's non-empty buckets: (index, the value each of its values stands for
-    /// (see `from_kernel`), count), in increasing order. `buckets` stays empty for those.
-    kernel: Vec<(usize, u64, u64)>,
+    /// A kernel histogram's non-empty buckets: (`[from, to)`, the value each of its values
+    /// stands for (see `from_kernel`), count), in increasing order. `buckets` stays empty for
+    /// those.
+    kernel: Vec<((u64, u64), u64, u64)>,
     total: u64,
     max: u64,
     buckets: BTreeMap<usize, u64>,
@@ -125,27 +143,24 @@ impl Recorder {
         if h.count == 0 {
             return r;
         }
-        let max_bucket = bucket_of(h.max);
+        let max_bucket = kernel_index(h.max);
         for (idx, &n) in h.buckets.iter().enumerate().take(HIST_BUCKETS) {
             if n == 0 {
                 continue;
             }
-            let (from, mut to) = bucket_bounds(idx);
+            let bounds = kernel_bounds(idx);
+            // The values stand for the middle of what the bucket can hold: up to the exact max.
+            let (from, mut to) = bounds;
             if idx == max_bucket {
                 to = to.min(h.max.saturating_add(1)).max(from + 1);
             }
-            r.kernel.push((idx, from + (to - from) / 2, n));
+            r.kernel.push((bounds, from + (to - from) / 2, n));
         }
-        if let [(idx, mid, n)] = &mut r.kernel[..]
+        if let [((from, to), mid, n)] = &mut r.kernel[..]
             && h.count == *n
         {
-            let (from, to) = bucket_bounds(*idx);
-            let to = if *idx == max_bucket {
-                to.min(h.max.saturating_add(1)).max(from + 1)
-            } else {
-                to
-            };
-            *mid = (h.total / *n).clamp(from, to - 1);
+            let to = (*to).min(h.max.saturating_add(1)).max(*from + 1);
+            *mid = (h.total / *n).clamp(*from, to - 1);
         }
         r.total = h.total;
         r.max = h.max;
@@ -196,10 +211,7 @@ impl Recorder {
                 self.at_rank(rank, q, &sorted).min(self.max)
             }
         };
-        let bucket = |idx: usize, count: u64| {
-            let (from, to) = bucket_bounds(idx);
-            Bucket { from, to, count }
-        };
+        let bucket = |(from, to): (u64, u64), count: u64| Bucket { from, to, count };
         Distribution {
             total: self.total,
             count,
@@ -210,12 +222,12 @@ impl Recorder {
             buckets: if self.kernel.is_empty() {
                 self.buckets
                     .iter()
-                    .map(|(&idx, &count)| bucket(idx, count))
+                    .map(|(&idx, &count)| bucket(bucket_bounds(idx), count))
                     .collect()
             } else {
                 self.kernel
                     .iter()
-                    .map(|&(idx, _, count)| bucket(idx, count))
+                    .map(|&(bounds, _, count)| bucket(bounds, count))
                     .collect()
             },
         }
@@ -238,7 +250,36 @@ mod tests {
             expected_from = to;
         }
         assert_eq!(bucket_of(u64::MAX), 251);
-        const { assert!(251 < HIST_BUCKETS) };
+    }
+
+    #[test]
+    fn kernel_buckets_tile_u64_and_match_the_full_scheme_in_their_range() {
+        let mut expected_from = 0;
+        for i in 0..HIST_BUCKETS {
+            let (from, to) = kernel_bounds(i);
+            assert_eq!(from, expected_from, "kernel bucket {i}");
+            assert!(to > from);
+            assert_eq!(kernel_index(from), i);
+            assert_eq!(kernel_index(to - 1), i);
+            if i > 0 && i < HIST_BUCKETS - 1 {
+                assert_eq!((from, to), bucket_bounds(i + HIST_FIRST));
+            }
+            expected_from = to;
+        }
+        assert_eq!(expected_from, u64::MAX);
+        assert_eq!(kernel_bounds(0), (0, 40), "below 32 ns: one bucket");
+        assert_eq!(
+            kernel_bounds(HIST_BUCKETS - 1).0,
+            7 << 44,
+            "~34 h and above: one bucket"
+        );
+        assert_eq!(kernel_index(0), 0);
+        assert_eq!(kernel_index(u64::MAX), HIST_BUCKETS - 1);
+        // 1 µs, 1 ms, 1 s and 1 h keep the full scheme's 25% buckets.
+        for v in [1_000, 1_000_000, 1_000_000_000, 3_600_000_000_000] {
+            let (from, to) = kernel_bounds(kernel_index(v));
+            assert!((to - from) * 4 <= from && from <= v && v < to, "{v}");
+        }
     }
 
     #[test]
@@ -273,8 +314,8 @@ mod tests {
             buckets: [0; HIST_BUCKETS],
         };
         // 10 values of ~1 ms (bucket of 1_000_000), one of ~3 ms.
-        h.buckets[bucket_of(1_000_000)] = 10;
-        h.buckets[bucket_of(3_000_000)] = 1;
+        h.buckets[kernel_index(1_000_000)] = 10;
+        h.buckets[kernel_index(3_000_000)] = 1;
         h.total = 10 * 1_000_000 + 3_000_000;
         h.count = 11;
         h.max = 3_000_000;
@@ -299,7 +340,7 @@ mod tests {
             max: 200_150_000,
             buckets: [0; HIST_BUCKETS],
         };
-        h.buckets[bucket_of(200_100_000)] = 2;
+        h.buckets[kernel_index(200_100_000)] = 2;
         let d = Recorder::from_kernel(&h).distribution();
         assert!(d.p50.abs_diff(200_100_000) < 200_000, "p50 {}", d.p50);
     }

@@ -215,7 +215,7 @@ impl fmt::Display for LatencyReport {
 mod tests {
     use super::*;
     use crate::sys::bpf::{BioJob, Job};
-    use crate::telemetry::hist::bucket_of;
+    use crate::telemetry::hist::kernel_index;
 
     fn sample_job() -> Job {
         let mut job = Job::ZERO;
@@ -227,7 +227,7 @@ mod tests {
         job.exits = 1;
         job.first_exec_ns = 10_000_500;
         job.leader_exit_ns = 210_000_500;
-        job.off_cpu.buckets[bucket_of(200_000_000)] = 1;
+        job.off_cpu.buckets[kernel_index(200_000_000)] = 1;
         job.off_cpu.count = 1;
         job.off_cpu.total = 200_000_000;
         job.off_cpu.max = 200_000_000;
@@ -329,7 +329,7 @@ mod tests {
     fn sample_bio() -> BioJob {
         let mut bio = BioJob::ZERO;
         for v in [100_000, 100_000, 300_000, 2_000_000] {
-            bio.latency.buckets[bucket_of(v)] += 1;
+            bio.latency.buckets[kernel_index(v)] += 1;
             bio.latency.count += 1;
             bio.latency.total += v;
             bio.latency.max = bio.latency.max.max(v);
