@@ -40,7 +40,7 @@ const volatile u32 owner_tgid = 0;
 const volatile u64 owner_pidns_dev = 0;
 const volatile u64 owner_pidns_ino = 0;
 
-/* The value new job entries are copied from: 4 KiB does not fit on the BPF stack. */
+/* The value new job entries are copied from: 2.8 KiB do not fit on the BPF stack. */
 struct joblet_job zero_job = {};
 
 /* Per-thread scheduling state (values of `tasks.state`). */
@@ -105,7 +105,7 @@ struct {
 } procs SEC(".maps");
 
 /*
- * Block I/O latency per job, apart from `jobs` (whose 4 KiB entry is copied at every spawn):
+ * Block I/O latency per job, apart from `jobs` (whose 2.8 KiB entry is copied at every spawn):
  * made by the bio probe at the job's first bio, flagged in the job entry (JOBLET_JOB_BLOCK_IO)
  * so userspace only looks here for jobs that did block I/O. Preallocated, like `jobs`: the probe
  * inserts without allocating.
