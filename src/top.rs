@@ -95,8 +95,8 @@ fn render(
     );
     let _ = writeln!(
         s,
-        "{:<16}  {:>6}  {:>10}  {:>10}  {:>10}  {:>10}  {:>8}  COMMAND",
-        "ID", "CPU%", "MEM", "RUNQ p50", "RUNQ p99", "OFF-CPU", "SWITCHES"
+        "{:<16}  {:>6}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  {:>8}  COMMAND",
+        "ID", "CPU%", "MEM", "RUNQ p50", "RUNQ p99", "OFF-CPU", "BLK p50", "SWITCHES"
     );
     for (id, w) in watched.iter_mut() {
         let Ok(snap) = telemetry.snapshot(*id) else {
@@ -115,15 +115,22 @@ fn render(
             .as_deref()
             .and_then(joblet_runtime::cgroup::memory_current)
             .map_or_else(|| "-".to_owned(), bytes);
+        // Block I/O the job submitted itself (see `LatencyReport::block_io_ns`), if any.
+        let blk = if snap.block_io_ns.count > 0 {
+            ns(snap.block_io_ns.p50)
+        } else {
+            "-".to_owned()
+        };
         let _ = writeln!(
             s,
-            "{:<16}  {:>6.1}  {:>10}  {:>10}  {:>10}  {:>10}  {:>8}  {}",
+            "{:<16}  {:>6.1}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}  {:>8}  {}",
             w.record.id,
             cpu,
             mem,
             ns(snap.runq_wait_ns.p50),
             ns(snap.runq_wait_ns.p99),
             ns(snap.off_cpu_ns.total),
+            blk,
             snap.voluntary_switches + snap.involuntary_switches,
             w.record.command.join(" ")
         );

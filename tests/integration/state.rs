@@ -193,6 +193,11 @@ fn top_shows_running_jobs_with_kernel_figures() {
         .unwrap_or_else(|| panic!("job not in top: {text}"));
     let cpu: f64 = row.split_whitespace().nth(1).unwrap().parse().unwrap();
     assert!(cpu > 10.0, "a busy loop shows CPU use: {row}");
+    assert_eq!(
+        row.split_whitespace().nth(6),
+        Some("-"),
+        "a busy loop submits no block I/O: {row}"
+    );
 }
 
 #[test]
