@@ -69,8 +69,8 @@ pub(crate) enum Command {
         timestamps: bool,
     },
 
-    /// A live table of running jobs: CPU, memory, run-queue wait p50/p99, off-CPU time,
-    /// context switches, measured in the kernel by the eBPF probes. Needs root.
+    /// A live table of running jobs: CPU, memory, run-queue wait p50/p99, off-CPU time, block
+    /// I/O latency p50, context switches, measured in the kernel by the eBPF probes. Needs root.
     Top {
         /// Refresh interval.
         #[arg(long, value_name = "DURATION", value_parser = duration_arg, default_value = "1s")]
@@ -225,8 +225,8 @@ pub(crate) struct RunArgs {
     pub(crate) label: Vec<(String, String)>,
 
     /// Measure the job's kernel-level latency with the eBPF probes (spawn to exec, run-queue
-    /// wait, off-CPU time, context switches) and print a breakdown when it ends; the report
-    /// gains a `latency` object.
+    /// wait, off-CPU time, context switches, block I/O) and print a breakdown when it ends; the
+    /// report gains a `latency` object.
     #[arg(long)]
     pub(crate) trace: bool,
 
