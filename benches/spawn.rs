@@ -538,7 +538,10 @@ fn run_cell(
             })
             .collect();
         start.wait();
-        let (cpu0, host0) = (cpu_ticks(), host_busy_ticks());
+        let (cpu0, host0) = (
+            cpu_ticks(),
+            testsupport::host_busy_ticks().expect("read /proc/stat"),
+        );
         let t0 = Instant::now();
         std::thread::sleep(dur);
         stop.store(true, Ordering::Relaxed);
@@ -548,7 +551,10 @@ fn run_cell(
             .collect();
         // Jobs in flight when `stop` was set finish after `dur`: count the time they took.
         let elapsed = t0.elapsed();
-        let cpu = (cpu_ticks() - cpu0, host_busy_ticks() - host0);
+        let cpu = (
+            cpu_ticks() - cpu0,
+            testsupport::host_busy_ticks().expect("read /proc/stat") - host0,
+        );
         let jobs = hists.iter().map(|h| h.len()).sum::<u64>();
         (jobs, elapsed, cpu, hists)
     });
@@ -571,20 +577,6 @@ fn run_cell(
 /// utime + stime + cutime + cstime of this process from /proc/self/stat, in clock ticks: the
 /// spawning threads, the telemetry reader and every job reaped so far (its setup before exec
 /// runs in the child).
-/// Busy time of every CPU so far, in clock ticks: /proc/stat's `cpu` line without idle and
-/// iowait (user, nice, system, irq, softirq, steal).
-fn host_busy_ticks() -> u64 {
-    let stat = std::fs::read_to_string("/proc/stat").expect("read /proc/stat");
-    let cpu = stat.lines().next().expect("/proc/stat has a cpu line");
-    cpu.split_whitespace()
-        .skip(1)
-        .take(8)
-        .enumerate()
-        .filter(|&(i, _)| i != 3 && i != 4)
-        .map(|(_, f)| f.parse::<u64>().expect("numeric CPU times"))
-        .sum()
-}
-
 fn cpu_ticks() -> u64 {
     let stat = std::fs::read_to_string("/proc/self/stat").expect("read /proc/self/stat");
     // Fields after the command name (which may contain spaces), from field 3 (state) on.

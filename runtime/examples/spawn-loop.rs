@@ -45,7 +45,7 @@ fn main() -> Result<()> {
         .write(true)
         .open("/dev/null")?
         .into();
-    let busy0 = host_busy_ticks()?;
+    let busy0 = joblet_runtime::testsupport::host_busy_ticks()?;
     let until = Instant::now() + Duration::from_secs_f64(secs);
     let t0 = Instant::now();
     let mut jobs = 0u64;
@@ -84,7 +84,7 @@ fn main() -> Result<()> {
         .copied()
         .unwrap_or_default();
     let dt = t0.elapsed().as_secs_f64();
-    let busy = host_busy_ticks()? - busy0;
+    let busy = joblet_runtime::testsupport::host_busy_ticks()? - busy0;
     println!(
         "{jobs} jobs in {dt:.2} s: {:.0} jobs/s, {:.0} us of host CPU per job, p50 {:.1} us",
         jobs as f64 / dt,
@@ -120,23 +120,3 @@ fn main() -> Result<()> {
 
 /// `USER_HZ`: the unit of /proc/stat on Linux.
 const TICKS_PER_SEC: f64 = 100.0;
-
-/// Busy time of the whole host so far (every CPU, /proc/stat's first line without idle and
-/// iowait), in ticks: the loop's cost including kernel threads and the probes.
-fn host_busy_ticks() -> Result<u64> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    let cpu = stat.lines().next().ok_or("/proc/stat: empty")?;
-    let fields: Vec<u64> = cpu
-        .split_whitespace()
-        .skip(1)
-        .map(str::parse)
-        .collect::<std::result::Result<_, _>>()?;
-    // user nice system idle iowait irq softirq steal ...
-    Ok(fields
-        .iter()
-        .enumerate()
-        .filter(|&(i, _)| i != 3 && i != 4)
-        .map(|(_, v)| v)
-        .take(6)
-        .sum())
-}

@@ -113,10 +113,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn host_busy_ticks_counts_up_while_this_test_spins() {
+        let before = host_busy_ticks().expect("read /proc/stat");
+        let spin_until = std::time::Instant::now() + std::time::Duration::from_millis(50);
+        while std::time::Instant::now() < spin_until {
+            std::hint::spin_loop();
+        }
+        // 50 ms of busy CPU is 5 ticks at USER_HZ 100; allow for tick granularity.
+        let after = host_busy_ticks().expect("read /proc/stat");
+        assert!(after >= before + 3, "{before} -> {after}");
+    }
+
+    #[test]
     fn slow_factor_defaults_to_one() {
         assert_eq!(parse_slow_factor(None), 1);
         assert_eq!(parse_slow_factor(Some("50")), 50);
         assert_eq!(parse_slow_factor(Some("0")), 1);
         assert_eq!(parse_slow_factor(Some("fast")), 1);
     }
+}
+
+/// Busy time of every CPU so far, in clock ticks (`USER_HZ`): /proc/stat's `cpu` line without
+/// idle and iowait (user, nice, system, irq, softirq, steal). For benchmarks' CPU per job,
+/// kernel threads included.
+pub fn host_busy_ticks() -> std::io::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let invalid =
+        || std::io::Error::new(std::io::ErrorKind::InvalidData, "/proc/stat: bad cpu line");
+    let cpu = stat.lines().next().ok_or_else(invalid)?;
+    cpu.split_whitespace()
+        .skip(1)
+        .take(8)
+        .enumerate()
+        .filter(|&(i, _)| i != 3 && i != 4)
+        .map(|(_, f)| f.parse::<u64>().map_err(|_| invalid()))
+        .sum()
 }
