@@ -108,6 +108,23 @@ pub fn in_vm_lane() -> bool {
     std::env::var_os("JOBLET_TEST_LANE").is_some_and(|v| v == "vm")
 }
 
+/// Busy time of every CPU so far, in clock ticks (`USER_HZ`): /proc/stat's `cpu` line without
+/// idle and iowait (user, nice, system, irq, softirq, steal). For benchmarks' CPU per job,
+/// kernel threads included.
+pub fn host_busy_ticks() -> std::io::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let invalid =
+        || std::io::Error::new(std::io::ErrorKind::InvalidData, "/proc/stat: bad cpu line");
+    let cpu = stat.lines().next().ok_or_else(invalid)?;
+    cpu.split_whitespace()
+        .skip(1)
+        .take(8)
+        .enumerate()
+        .filter(|&(i, _)| i != 3 && i != 4)
+        .map(|(_, f)| f.parse::<u64>().map_err(|_| invalid()))
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,21 +148,4 @@ mod tests {
         assert_eq!(parse_slow_factor(Some("0")), 1);
         assert_eq!(parse_slow_factor(Some("fast")), 1);
     }
-}
-
-/// Busy time of every CPU so far, in clock ticks (`USER_HZ`): /proc/stat's `cpu` line without
-/// idle and iowait (user, nice, system, irq, softirq, steal). For benchmarks' CPU per job,
-/// kernel threads included.
-pub fn host_busy_ticks() -> std::io::Result<u64> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    let invalid =
-        || std::io::Error::new(std::io::ErrorKind::InvalidData, "/proc/stat: bad cpu line");
-    let cpu = stat.lines().next().ok_or_else(invalid)?;
-    cpu.split_whitespace()
-        .skip(1)
-        .take(8)
-        .enumerate()
-        .filter(|&(i, _)| i != 3 && i != 4)
-        .map(|(_, f)| f.parse::<u64>().map_err(|_| invalid()))
-        .sum()
 }
