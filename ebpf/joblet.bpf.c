@@ -11,9 +11,11 @@
  * wakeups) first look the task up in `tasks`, keyed by its task_struct address, which the fork
  * probe and the task's first switch-out fill in: one hash lookup and no CO-RE read for a host
  * task, and the cgroup is read only to confirm a hit.
- * A job's entry is made by the fork probe when the loading process clones a task into another
- * cgroup (joblet's spawn: clone3 with CLONE_INTO_CGROUP), so the spawn path makes no syscall for
- * it; userspace can also make one for a job it did not spawn (`watch`).
+ * A job's figures live in a slot of `job_slots`, an array userspace maps into its memory: it
+ * resets the slot before the spawn and reads it after the exit without a syscall, and binds the
+ * cgroup to the slot (`jobs`) once per cgroup. The fork probe stamps the job's start when the
+ * loading process clones a task into another cgroup (joblet's spawn: clone3 with
+ * CLONE_INTO_CGROUP); userspace can also reset a slot for a job it did not spawn (`watch`).
  *
  * Block I/O is timed per bio, from block_bio_queue in the submitting task's context (a job's
  * task: its cgroup is a key of `jobs`) to the completion of its request or of the bio itself,
@@ -39,9 +41,6 @@ char LICENSE[] SEC("license") = "GPL";
 const volatile u32 owner_tgid = 0;
 const volatile u64 owner_pidns_dev = 0;
 const volatile u64 owner_pidns_ino = 0;
-
-/* The value new job entries are copied from: 2.8 KiB do not fit on the BPF stack. */
-struct joblet_job zero_job = {};
 
 /* Per-thread scheduling state (values of `tasks.state`). */
 enum {
@@ -79,15 +78,28 @@ struct proc_entry {
 #define WAKEUP_THRESHOLD (RINGBUF_BYTES / 4)
 
 /*
- * Preallocated (4.4 MB): an insert or delete takes or returns a free-list element, 1-2 us from
- * userspace, where BPF_F_NO_PREALLOC cost 10-30 us per insert or delete (element allocation and
- * RCU-deferred free of a 4 KiB value), and the fork probe can insert without allocating.
+ * A job's figures live in a slot of `job_slots`, which userspace maps into its memory
+ * (BPF_F_MMAPABLE): it resets a slot before the job's spawn and reads it after the job's exit
+ * with plain loads and stores, so a job costs no map syscall and no 2.8 KiB copy in or out of
+ * the kernel. `jobs` binds a cgroup v2 id to its slot; userspace makes the binding at a cgroup's
+ * first job and keeps it while the cgroup is reused (a pooled cgroup's jobs make no syscall at
+ * all). A slot whose `gen` is 0 is idle (its job finished, or none started yet): the probes
+ * ignore it.
  */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1024);
-	__type(key, u64);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, JOBLET_JOB_SLOTS);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, u32);
 	__type(value, struct joblet_job);
+} job_slots SEC(".maps");
+
+/* Preallocated: userspace's inserts and deletes take and return free-list elements. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, JOBLET_JOB_SLOTS);
+	__type(key, u64);   /* the cgroup v2 id */
+	__type(value, u32); /* its index in job_slots */
 } jobs SEC(".maps");
 
 struct {
@@ -172,6 +184,18 @@ static __always_inline u64 cgroup_of(struct task_struct *t)
 	return BPF_CORE_READ(t, cgroups, dfl_cgrp, kn, id);
 }
 
+/* The job running in cgroup `cgid`: its slot, when the cgroup is bound to one and the slot is active. */
+static __always_inline struct joblet_job *job_of_cgroup(u64 *cgid)
+{
+	struct joblet_job *job;
+	u32 *slot = bpf_map_lookup_elem(&jobs, cgid);
+
+	if (!slot)
+		return NULL;
+	job = bpf_map_lookup_elem(&job_slots, slot);
+	return job && job->gen ? job : NULL;
+}
+
 /* The key of a task in `tasks`: its task_struct's address. */
 static __always_inline u64 task_key(struct task_struct *t)
 {
@@ -204,7 +228,7 @@ static __always_inline struct joblet_job *job_of_other(struct task_struct *t, u6
 	if (!*te)
 		return NULL;
 	*cgid = cgroup_of(t);
-	job = bpf_map_lookup_elem(&jobs, cgid);
+	job = job_of_cgroup(cgid);
 	if (!job) {
 		bpf_map_delete_elem(&tasks, key);
 		*te = NULL;
@@ -227,7 +251,7 @@ static __always_inline struct proc_entry *proc_entry(u32 tgid, u64 cgid, struct 
 static __always_inline struct joblet_job *job_of_current(u64 *cgid)
 {
 	*cgid = bpf_get_current_cgroup_id();
-	return bpf_map_lookup_elem(&jobs, cgid);
+	return job_of_cgroup(cgid);
 }
 
 static __always_inline bool current_is_owner(void)
@@ -245,22 +269,21 @@ static __always_inline bool current_is_owner(void)
 }
 
 /*
- * A new job in cgroup `cgid`, replacing any entry of an earlier job there (a pooled cgroup whose
- * last job was not finished). `jobs` is preallocated, so this takes an element from its free
- * list (no allocation in tracepoint context) and copies the zeroed value in.
+ * A job starts in cgroup `cgid`: the loading process cloned its first task there. Userspace
+ * reset the cgroup's slot (Telemetry::mark_spawn) before the clone, so this only stamps the
+ * start, which is also the job's generation. A spawn into a cgroup without an active slot (no
+ * mark_spawn, or no free slot) is counted and not measured.
  */
 static __always_inline struct joblet_job *start_job(u64 cgid, u64 now)
 {
-	struct joblet_job *job;
+	struct joblet_job *job = job_of_cgroup(&cgid);
 
-	if (bpf_map_update_elem(&jobs, &cgid, &zero_job, BPF_ANY)) {
+	if (!job) {
 		count(JOBLET_COUNTER_JOB_MAP_FULL);
 		return NULL;
 	}
-	job = bpf_map_lookup_elem(&jobs, &cgid);
 	/* The child is not runnable yet (wake_up_new_task comes after this tracepoint). */
-	if (job)
-		job->gen = now;
+	job->gen = now;
 	return job;
 }
 
@@ -512,7 +535,7 @@ int joblet_sched_process_fork(struct bpf_raw_tracepoint_args *ctx)
 		now = bpf_ktime_get_ns();
 		job = start_job(cgid, now);
 	} else {
-		job = bpf_map_lookup_elem(&jobs, &cgid);
+		job = job_of_cgroup(&cgid);
 	}
 	if (!job)
 		return 0;

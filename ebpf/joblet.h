@@ -25,14 +25,19 @@ struct joblet_hist {
 	__u64 buckets[JOBLET_HIST_BUCKETS];
 };
 
+/* Slots of `job_slots`, and cgroup bindings in `jobs`: the jobs measured at once. */
+#define JOBLET_JOB_SLOTS 1024
+
 /*
- * Value of the `jobs` map, keyed by the job's cgroup v2 id. Created zeroed by the fork probe when
- * the loading process clones a task into another cgroup (a spawn), or by userspace (`watch`).
+ * A slot of the `job_slots` array (memory-mapped by userspace), bound to the job's cgroup v2 id
+ * by the `jobs` map. Userspace zeroes it and sets `gen` before the job's spawn (or `watch`), and
+ * sets `gen` to 0 (idle) once it read the figures after the job's exit.
  */
 struct joblet_job {
 	/*
 	 * Tells this job from earlier ones in the same (pooled) cgroup: per-task and per-process
-	 * entries carry the generation they were made in, and others are stale.
+	 * entries carry the generation they were made in, and others are stale. 0: the slot is
+	 * idle, and the probes ignore it. The fork probe sets it to the job's start.
 	 */
 	__u64 gen;
 	__u64 on_cpu_ns;
@@ -123,7 +128,7 @@ struct joblet_event {
 enum joblet_counter {
 	JOBLET_COUNTER_RINGBUF_DROPS = 0,
 	JOBLET_COUNTER_TASK_MAP_FULL = 1,
-	/* Spawns the fork probe could not start measuring (`jobs` full or out of memory). */
+	/* Spawns the fork probe could not start measuring: the cgroup had no active slot. */
 	JOBLET_COUNTER_JOB_MAP_FULL = 2,
 	/* Block I/O a job submitted that could not be measured (`bio_jobs` or `bios` insert failed). */
 	JOBLET_COUNTER_BIO_MAP_FULL = 3,

@@ -673,7 +673,7 @@ fn detached_probes_measure_nothing_until_attached_again() {
         "detached probes measured a job: {report:#?}"
     );
     let error = record.error.expect("the record names the missing report");
-    assert!(error.contains("watched"), "{error}");
+    assert!(error.contains("never saw its spawn"), "{error}");
     t.set_attached(true).expect("attach again");
     t.set_attached(true).expect("attaching twice is a no-op");
     let (_, record, report) = spawn_job(&rt, &["/bin/true"]);
@@ -681,6 +681,58 @@ fn detached_probes_measure_nothing_until_attached_again() {
     let r = report.expect("attached probes measure the job");
     assert_eq!((r.forks, r.execs, r.exits), (1, 1, 1), "{r:#?}");
     assert!(r.on_cpu_ns > 0, "{r:#?}");
+}
+
+#[test]
+fn job_slots_are_reused_when_all_are_bound() {
+    let Some((_serial, _)) = telemetry() else {
+        return;
+    };
+    let state = tempfile::tempdir().expect("state dir");
+    let (rt, t) = traced_runtime(state.path());
+    const SLOTS: u64 = 1024;
+    // Ids of no cgroup: the kernel numbers cgroups upwards from 1.
+    let fake = |i: u64| u64::MAX - i;
+    let watch = |i: u64| {
+        t.watch(fake(i), 0)
+            .unwrap_or_else(|e| panic!("watch {i}: {}", anyhow_chain(&e)))
+    };
+    // More cgroups than slots, one job at a time: idle bindings are given to new cgroups.
+    for i in 0..SLOTS + 100 {
+        watch(i);
+        t.finish(fake(i)).expect("finish a watched job");
+    }
+    // Every slot taken by an unfinished job: a watch names the problem, a spawn runs unmeasured.
+    for i in 0..SLOTS {
+        watch(i);
+    }
+    let error = t.watch(fake(SLOTS), 0).expect_err("no slot is free");
+    assert!(error.to_string().contains("all 1024 job slots"), "{error}");
+    let unmeasured = t.counters().expect("counters").job_map_full;
+    let (_, record, report) = spawn_job(&rt, &["/bin/true"]);
+    assert_eq!(record.exit_code, Some(0));
+    assert!(report.is_none(), "measured without a slot: {report:#?}");
+    let error = record.error.expect("the record names the missing report");
+    assert!(error.contains("among the watched jobs"), "{error}");
+    assert_eq!(
+        t.counters().expect("counters").job_map_full,
+        unmeasured + 1,
+        "the unmeasured spawn is counted"
+    );
+    // One finished job frees a slot: the next spawn takes it and is measured from zero.
+    let busy = t.snapshot(fake(7)).expect("a watched job");
+    t.finish(fake(7)).expect("finish a watched job");
+    let (_, record, report) = spawn_job(&rt, &["/bin/true"]);
+    assert_eq!(record.exit_code, Some(0));
+    let r = report.expect("measured in the freed slot");
+    assert_eq!((r.forks, r.execs, r.exits), (1, 1, 1), "{r:#?}");
+    assert!(
+        t.snapshot(fake(7)).is_err(),
+        "a finished job stays finished: {busy:#?}"
+    );
+    for i in (0..SLOTS).filter(|&i| i != 7) {
+        t.finish(fake(i)).expect("finish a watched job");
+    }
 }
 
 /// A fresh directory on a filesystem backed by a block device (its `st_dev` is one the kernel

@@ -1,8 +1,8 @@
 //! The memory layout shared with joblet's eBPF probes: `#[repr(C)]` mirrors of the structs in
 //! `ebpf/joblet.h`, and the `aya::Pod` impls that let aya copy them in and out of BPF maps.
 //!
-//! It also holds the one BPF syscall aya does not offer for hash maps,
-//! `BPF_MAP_LOOKUP_AND_DELETE_ELEM` ([`lookup_and_delete`]).
+//! It also holds what aya does not offer: the `BPF_MAP_LOOKUP_AND_DELETE_ELEM` syscall for hash
+//! maps ([`lookup_and_delete`]), and the memory mapping of the `job_slots` array ([`JobSlots`]).
 //!
 //! The `Pod` impls are the other unsafe part of the telemetry: `Pod` promises that every bit pattern
 //! is a valid value and that the type has no padding the kernel could leave uninitialised. Both
@@ -24,11 +24,14 @@ pub(crate) struct Hist {
     pub(crate) buckets: [u64; HIST_BUCKETS],
 }
 
-/// `struct joblet_job`: the value of the `jobs` map, keyed by the job's cgroup v2 id.
+/// `JOBLET_JOB_SLOTS`: slots of `job_slots`, and the most cgroups `jobs` binds.
+pub(crate) const JOB_SLOTS: u32 = 1024;
+
+/// `struct joblet_job`: a slot of the `job_slots` array, bound to the job's cgroup v2 id by `jobs`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Job {
-    /// `gen` in C: tells this job from earlier ones in the same cgroup.
+    /// `gen` in C: tells this job from earlier ones in the same cgroup; 0 for an idle slot.
     pub(crate) generation: u64,
     pub(crate) on_cpu_ns: u64,
     pub(crate) voluntary_switches: u64,
@@ -73,6 +76,7 @@ pub(crate) struct BioJob {
 }
 
 impl Hist {
+    #[cfg(test)]
     const ZERO: Hist = Hist {
         total: 0,
         count: 0,
@@ -92,7 +96,8 @@ impl BioJob {
 }
 
 impl Job {
-    /// The all-zero entry `watch` inserts.
+    /// The all-zero entry (for tests of the report).
+    #[cfg(test)]
     pub(crate) const ZERO: Job = Job {
         generation: 0,
         on_cpu_ns: 0,
@@ -189,6 +194,104 @@ unsafe impl aya::Pod for Job {}
 // SAFETY: `BioJob` is `#[repr(C)]` of `u64`s and a `Hist` (asserted size: no padding); every bit
 // pattern is a valid value.
 unsafe impl aya::Pod for BioJob {}
+
+/// Words (`u64`) of a [`Job`]: the kernel's element size of `job_slots` (the value size rounded
+/// up to 8, which it already is) in words.
+const JOB_WORDS: usize = size_of::<Job>() / 8;
+const _: () = assert!(size_of::<Job>().is_multiple_of(8) && align_of::<Job>() == 8);
+// `set_generation` writes word 0.
+const _: () = assert!(std::mem::offset_of!(Job, generation) == 0);
+
+/// The `job_slots` array (`BPF_F_MMAPABLE`) mapped into this process: the probes and this process
+/// read and write the same memory, so a job's slot is reset and read without a syscall. Every
+/// access is an atomic load or store of one aligned `u64`, since the probes update slots from
+/// other CPUs at any time (with atomic adds, or plain stores of whole words).
+pub(crate) struct JobSlots {
+    base: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+    len: usize,
+}
+
+// SAFETY: the mapping is shared memory reached only through atomic operations (see `word`), which
+// any thread may perform; it is unmapped once, by `Drop`.
+unsafe impl Send for JobSlots {}
+// SAFETY: as for `Send`: `&JobSlots` only allows atomic loads and stores.
+unsafe impl Sync for JobSlots {}
+
+impl JobSlots {
+    /// Maps the array map `fd`, which must be `job_slots` as the object defines it (an mmapable
+    /// `BPF_MAP_TYPE_ARRAY` of [`JOB_SLOTS`] [`Job`]s: the caller checks the map's definition).
+    /// The mapping keeps the map alive after `fd` is closed.
+    pub(crate) fn map(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<JobSlots> {
+        let page = rustix::param::page_size();
+        let len = (JOB_SLOTS as usize * size_of::<Job>()).div_ceil(page) * page;
+        // SAFETY: a new shared mapping at an address the kernel picks, so it overlaps no Rust
+        // object; the kernel checks `len` against the map's size and that it is mmapable.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::SHARED,
+                fd,
+                0,
+            )
+        }?;
+        let base = std::ptr::NonNull::new(ptr.cast())
+            .ok_or_else(|| std::io::Error::other("mmap of job_slots returned null"))?;
+        Ok(JobSlots { base, len })
+    }
+
+    /// Word `i` of slot `slot`.
+    fn word(&self, slot: u32, i: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(
+            slot < JOB_SLOTS && i < JOB_WORDS,
+            "job slot {slot} word {i} out of range"
+        );
+        // SAFETY: the mapping holds JOB_SLOTS slots of JOB_WORDS words (its length covers them,
+        // see `map`), so the offset is in bounds; it is page-aligned, so every word is 8-byte
+        // aligned; and it lives as long as `self`. Kernel and probes access the words
+        // atomically or as whole aligned words, so sharing them as `AtomicU64` is sound.
+        unsafe { self.base.add(slot as usize * JOB_WORDS + i).as_ref() }
+    }
+
+    /// A copy of slot `slot`. Counters the probes are updating at the same time may be torn
+    /// between words (a histogram's count against its buckets), never within one.
+    pub(crate) fn read(&self, slot: u32) -> Job {
+        let mut words = [0u64; JOB_WORDS];
+        for (i, w) in words.iter_mut().enumerate() {
+            *w = self
+                .word(slot, i)
+                .load(std::sync::atomic::Ordering::Acquire);
+        }
+        // SAFETY: `words` is JOB_WORDS initialised u64s, exactly `size_of::<Job>()` bytes, and
+        // `Job: Pod` (every bit pattern valid, no padding); read_unaligned needs no alignment.
+        unsafe { std::ptr::read_unaligned(words.as_ptr().cast::<Job>()) }
+    }
+
+    /// Zeroes slot `slot` and sets its generation last (a non-zero one makes the probes count
+    /// into it; 0 makes it idle).
+    pub(crate) fn reset(&self, slot: u32, generation: u64) {
+        for i in 1..JOB_WORDS {
+            self.word(slot, i)
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.set_generation(slot, generation);
+    }
+
+    /// Sets slot `slot`'s generation (word 0) without touching its figures.
+    pub(crate) fn set_generation(&self, slot: u32, generation: u64) {
+        self.word(slot, 0)
+            .store(generation, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl Drop for JobSlots {
+    fn drop(&mut self) {
+        // SAFETY: `base` and `len` are the mapping made in `map`, unmapped only here; no
+        // reference into it outlives `self` (`word` borrows `self`).
+        let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
 
 /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (enum bpf_cmd).
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;

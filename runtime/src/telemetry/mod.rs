@@ -7,8 +7,10 @@
 //! which returns its [`LatencyReport`] and forgets it. A job spawned by another process is
 //! measured from [`Telemetry::watch`] on.
 //!
-//! In-kernel aggregation does the heavy lifting: counters and histograms live in a hash map keyed
-//! by the job's cgroup v2 id, so a context switch costs a map update, never a message. Only
+//! In-kernel aggregation does the heavy lifting: counters and histograms live in a slot of an
+//! array this process maps into its memory, bound to the job's cgroup v2 id, so a context switch
+//! costs a map update, never a message, and a job's figures are reset and read without a
+//! syscall. Only
 //! lifecycle events (exec, process exit) cross the ring buffer, submitted without waking the
 //! reader unless a quarter of the buffer is pending; a reader thread sleeps in `epoll_wait` on
 //! the ring buffer's fd. Design and blind spots: `docs/design/telemetry.md`.
@@ -16,7 +18,7 @@
 mod hist;
 mod report;
 
-use std::collections::HashMap as StdHashMap;
+use std::collections::{BTreeMap, HashMap as StdHashMap};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
@@ -35,7 +37,8 @@ pub use report::{CommandLatency, LatencyReport};
 
 use crate::sys::bpf::{
     BioJob, COUNTER_BIO_MAP_FULL, COUNTER_JOB_MAP_FULL, COUNTER_RINGBUF_DROPS,
-    COUNTER_TASK_MAP_FULL, EVENT_EXEC, EVENT_EXIT, EVENT_FLAG_HAVE_DELTA, Event, JOB_BLOCK_IO, Job,
+    COUNTER_TASK_MAP_FULL, EVENT_EXEC, EVENT_EXIT, EVENT_FLAG_HAVE_DELTA, Event, JOB_BLOCK_IO,
+    JOB_SLOTS, Job, JobSlots,
 };
 use report::Lifecycle;
 
@@ -128,7 +131,7 @@ pub enum TelemetryError {
         #[source]
         source: MapError,
     },
-    /// The job could not be added to the watched set (`jobs` full, or out of memory).
+    /// The job could not be added to the watched set (the `jobs` map refused the binding).
     #[error("failed to watch job cgroup {cgroup_id}")]
     Watch {
         /// The job's cgroup v2 id.
@@ -137,6 +140,18 @@ pub enum TelemetryError {
         #[source]
         source: MapError,
     },
+    /// Every job slot is taken by a job that has not finished.
+    #[error(
+        "failed to watch job cgroup {cgroup_id}: all {} job slots are taken by unfinished jobs",
+        JOB_SLOTS
+    )]
+    NoSlot {
+        /// The job's cgroup v2 id.
+        cgroup_id: u64,
+    },
+    /// The job slots could not be mapped into memory.
+    #[error("failed to map eBPF map job_slots into memory")]
+    MapSlots(#[source] io::Error),
     /// A map entry could not be read or deleted.
     #[error("failed to read the figures of job cgroup {cgroup_id}")]
     Read {
@@ -145,6 +160,14 @@ pub enum TelemetryError {
         /// The cause.
         #[source]
         source: MapError,
+    },
+    /// The job was spawned while the probes were detached: they never saw it start.
+    #[error(
+        "failed to measure job cgroup {cgroup_id}: the probes never saw its spawn (were they detached?)"
+    )]
+    SpawnNotSeen {
+        /// The job's cgroup v2 id.
+        cgroup_id: u64,
     },
     /// The job is not watched (never watched, or already finished).
     #[error("failed to find job cgroup {cgroup_id} among the watched jobs")]
@@ -176,8 +199,9 @@ pub struct Counters {
     pub ringbuf_drops: u64,
     /// Per-thread or per-process map updates that failed (map full).
     pub task_map_full: u64,
-    /// Spawns the probes could not start measuring (`jobs` full, 1,024 jobs, or out of memory):
-    /// [`Telemetry::finish`] fails with [`TelemetryError::NotWatched`] for them.
+    /// Spawns that could not be measured (all 1,024 job slots taken by unfinished jobs, or the
+    /// probes found no slot for the cgroup): [`Telemetry::finish`] fails with
+    /// [`TelemetryError::NotWatched`] for them.
     pub job_map_full: u64,
     /// Bios of jobs that could not be measured (`bio_jobs` or the in-flight map full).
     pub bio_map_full: u64,
@@ -245,11 +269,67 @@ fn record(life: &mut Lifecycle, event: &Event) {
     }
 }
 
+/// Which cgroup has which job slot (this process's side of the `jobs` map).
+///
+/// A cgroup keeps its slot after its job finished (idle), so the next job of a pooled cgroup
+/// needs no `jobs` update; idle bindings are dropped, oldest first, when a cgroup needs a slot
+/// and none is free.
+#[derive(Default)]
+struct Bindings {
+    by_cgroup: StdHashMap<u64, Binding>,
+    /// Slots bound to no cgroup.
+    free: Vec<u32>,
+    /// Idle bindings by when they became idle (`stamp`), oldest first.
+    idle: BTreeMap<u64, u64>,
+    stamp: u64,
+}
+
+#[derive(Clone, Copy)]
+struct Binding {
+    slot: u32,
+    /// For a job `mark_spawn` started, the generation it set: the fork probe replaces it with
+    /// the job's start, so a job that still has it was never seen by the probes.
+    spawn_gen: Option<u64>,
+    /// `Some(stamp)` while the cgroup's job is finished (its key in `Bindings::idle`).
+    idle: Option<u64>,
+}
+
+impl Bindings {
+    fn new() -> Bindings {
+        Bindings {
+            // Popped from the end: slot 0 first.
+            free: (0..JOB_SLOTS).rev().collect(),
+            ..Bindings::default()
+        }
+    }
+
+    /// The binding of the cgroup's running job, if it has one.
+    fn active(&self, cgroup_id: u64) -> Option<Binding> {
+        self.by_cgroup
+            .get(&cgroup_id)
+            .filter(|b| b.idle.is_none())
+            .copied()
+    }
+
+    /// Marks the cgroup's job finished; its slot stays bound.
+    fn set_idle(&mut self, cgroup_id: u64) {
+        if let Some(b) = self.by_cgroup.get_mut(&cgroup_id)
+            && b.idle.is_none()
+        {
+            self.stamp += 1;
+            b.idle = Some(self.stamp);
+            self.idle.insert(self.stamp, cgroup_id);
+        }
+    }
+}
+
 /// The loaded, attached probes. One per process; share it by reference (`&self` methods).
 pub struct Telemetry {
-    jobs: Mutex<HashMap<MapData, u64, Job>>,
-    /// `jobs`'s fd, for the lookup-and-delete syscall without the lock.
-    jobs_fd: OwnedFd,
+    /// Binds cgroup ids to job slots (`u64` to `u32`), updated only under the `bindings` lock.
+    jobs: Mutex<HashMap<MapData, u64, u32>>,
+    bindings: Mutex<Bindings>,
+    /// The `job_slots` array, mapped.
+    slots: JobSlots,
     /// Block I/O latency of the jobs that did block I/O (`Job::flags` has `JOB_BLOCK_IO`).
     bio_jobs: Mutex<HashMap<MapData, u64, BioJob>>,
     /// `bio_jobs`'s fd, like `jobs_fd`.
@@ -388,6 +468,13 @@ impl Telemetry {
                 source,
             }
         })?;
+        let slots = match take_map(ebpf, "job_slots")? {
+            aya::maps::Map::Array(data) => {
+                check_slots_map(&data)?;
+                JobSlots::map(data.fd().as_fd()).map_err(TelemetryError::MapSlots)?
+            }
+            _ => return Err(TelemetryError::Missing("job_slots (an array map)")),
+        };
         let bio_jobs = HashMap::try_from(take_map(ebpf, "bio_jobs")?).map_err(|source| {
             TelemetryError::OpenMap {
                 map: "bio_jobs",
@@ -438,9 +525,10 @@ impl Telemetry {
             .spawn(move || read_loop(&epoll_fd, &reader_events))
             .map_err(TelemetryError::Reader)?;
         Ok(Telemetry {
-            jobs_fd: dup_map_fd(&jobs, "jobs")?,
             bio_jobs_fd: dup_map_fd(&bio_jobs, "bio_jobs")?,
             jobs: Mutex::new(jobs),
+            bindings: Mutex::new(Bindings::new()),
+            slots,
             bio_jobs: Mutex::new(bio_jobs),
             no_lookup_and_delete: AtomicBool::new(false),
             counters,
@@ -458,7 +546,8 @@ impl Telemetry {
     /// Not needed for a job this process spawns (see [`Telemetry::mark_spawn`]): `watch` is for
     /// jobs spawned by another process (`joblet top`) or tasks moved into a cgroup by hand. Call
     /// it before the first process enters the cgroup, or that process is not measured until its
-    /// next scheduling event, and its exec is missed. One map insert (a syscall).
+    /// next scheduling event, and its exec is missed. One map insert (a syscall) the first time
+    /// a cgroup is watched or spawned into, none after that while it keeps its slot.
     pub fn watch(&self, cgroup_id: u64, spawn_ns: u64) -> Result<(), TelemetryError> {
         // Lifecycle first, so no event of the job can arrive before it has a home.
         self.events().jobs.insert(
@@ -469,24 +558,82 @@ impl Telemetry {
             },
         );
         // Any value unique to this watch tells this job's task entries from older ones.
-        let job = Job {
-            generation: monotonic_ns(),
-            ..Job::ZERO
-        };
-        let inserted = self.jobs_map().insert(cgroup_id, job, 0);
-        if let Err(source) = inserted {
+        if let Err(e) = self.activate(cgroup_id, monotonic_ns(), false) {
             self.events().jobs.remove(&cgroup_id);
-            return Err(TelemetryError::Watch { cgroup_id, source });
+            return Err(e);
         }
         Ok(())
     }
 
+    /// Gives the cgroup's slot (binding one if it has none) a fresh job of generation
+    /// `generation`, which is not 0; `spawn` for a job this process is about to spawn.
+    fn activate(&self, cgroup_id: u64, generation: u64, spawn: bool) -> Result<(), TelemetryError> {
+        let spawn_gen = spawn.then_some(generation);
+        let mut bindings = self.bindings();
+        if let Some(b) = bindings.by_cgroup.get_mut(&cgroup_id) {
+            b.spawn_gen = spawn_gen;
+            let (slot, idle) = (b.slot, b.idle.take());
+            if let Some(stamp) = idle {
+                bindings.idle.remove(&stamp);
+            }
+            self.slots.reset(slot, generation);
+            return Ok(());
+        }
+        let slot = match bindings.free.pop() {
+            Some(slot) => slot,
+            None => self.evict_idle(&mut bindings, cgroup_id)?,
+        };
+        // Reset before binding: the probes never see the slot's previous figures.
+        self.slots.reset(slot, generation);
+        if let Err(source) = self.jobs_map().insert(cgroup_id, slot, 0) {
+            self.slots.set_generation(slot, 0);
+            bindings.free.push(slot);
+            return Err(TelemetryError::Watch { cgroup_id, source });
+        }
+        bindings.by_cgroup.insert(
+            cgroup_id,
+            Binding {
+                slot,
+                spawn_gen,
+                idle: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// Unbinds the cgroup that has been idle the longest and returns its slot.
+    fn evict_idle(&self, bindings: &mut Bindings, cgroup_id: u64) -> Result<u32, TelemetryError> {
+        let (stamp, old) = bindings
+            .idle
+            .pop_first()
+            .ok_or(TelemetryError::NoSlot { cgroup_id })?;
+        let b = bindings
+            .by_cgroup
+            .remove(&old)
+            .expect("an idle binding is bound");
+        match self.jobs_map().remove(&old) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(b.slot),
+            Err(source) => {
+                // Still bound in the kernel: keep it as it was.
+                bindings.idle.insert(stamp, old);
+                bindings.by_cgroup.insert(old, b);
+                Err(TelemetryError::Watch { cgroup_id, source })
+            }
+        }
+    }
+
     /// Records that this process is about to spawn a job into cgroup v2 `cgroup_id`, at
     /// `spawn_ns` ([`monotonic_ns`], taken right before clone3): the command's spawn-to-exec
-    /// figure starts there. No syscall: the probes start measuring the job by themselves when
-    /// this process clones a task into another cgroup than its own (clone3 with
-    /// `CLONE_INTO_CGROUP`), forgetting any earlier job of that cgroup.
+    /// figure starts there. It resets the cgroup's job slot, forgetting any earlier job of that
+    /// cgroup, and the probes start measuring the job when this process clones a task into it
+    /// (clone3 with `CLONE_INTO_CGROUP`). No syscall, except at a cgroup's first job (or when
+    /// its slot was given to another cgroup since): one map insert then. When no slot is free
+    /// the job is not measured: it counts in [`Counters::job_map_full`] and
+    /// [`Telemetry::finish`] fails with [`TelemetryError::NotWatched`].
     pub fn mark_spawn(&self, cgroup_id: u64, spawn_ns: u64) {
+        // A failure leaves the cgroup without an active slot: the fork probe counts the spawn
+        // as not measured.
+        let _ = self.activate(cgroup_id, spawn_ns.max(1), true);
         self.events()
             .jobs
             .entry(cgroup_id)
@@ -512,8 +659,8 @@ impl Telemetry {
     }
 
     /// Stops measuring the job and returns its report. Call it after the job's processes are
-    /// gone (its pid 1 reaped: in a PID namespace the kernel has then killed the rest). One
-    /// syscall (two on kernels before 5.14), one more for a job that did block I/O.
+    /// gone (its pid 1 reaped: in a PID namespace the kernel has then killed the rest). No
+    /// syscall, except one (two on kernels before 5.14) for a job that did block I/O.
     pub fn finish(&self, cgroup_id: u64) -> Result<LatencyReport, TelemetryError> {
         let job = self.take_job(cgroup_id);
         let bio = match &job {
@@ -536,10 +683,20 @@ impl Telemetry {
         ))
     }
 
-    /// Reads and deletes the job's map entry.
+    /// Reads the job's slot and makes it idle (it stays bound to the cgroup for its next job).
     fn take_job(&self, cgroup_id: u64) -> Result<Job, TelemetryError> {
-        self.take(&self.jobs, self.jobs_fd.as_fd(), cgroup_id)?
-            .ok_or(TelemetryError::NotWatched { cgroup_id })
+        let binding = self
+            .bindings()
+            .active(cgroup_id)
+            .ok_or(TelemetryError::NotWatched { cgroup_id })?;
+        // The slot stays this job's until `set_idle`: only an idle slot is reset or given away.
+        let job = self.slots.read(binding.slot);
+        self.slots.set_generation(binding.slot, 0);
+        self.bindings().set_idle(cgroup_id);
+        if binding.spawn_gen == Some(job.generation) {
+            return Err(TelemetryError::SpawnNotSeen { cgroup_id });
+        }
+        Ok(job)
     }
 
     /// The job's block I/O entry, read (and deleted if `take`) only when the probes flagged the
@@ -659,13 +816,24 @@ impl Telemetry {
         self.probes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The job's figures so far (its slot stays active).
     fn read_job(&self, cgroup_id: u64) -> Result<Job, TelemetryError> {
-        read_job(&self.jobs_map(), cgroup_id)
+        // Under the lock: a slot read outside it could be given to another cgroup meanwhile.
+        let bindings = self.bindings();
+        let binding = bindings
+            .active(cgroup_id)
+            .ok_or(TelemetryError::NotWatched { cgroup_id })?;
+        Ok(self.slots.read(binding.slot))
     }
 
-    fn jobs_map(&self) -> MutexGuard<'_, HashMap<MapData, u64, Job>> {
+    fn jobs_map(&self) -> MutexGuard<'_, HashMap<MapData, u64, u32>> {
         // A panic while holding the lock leaves the map itself consistent (the kernel owns it).
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bindings(&self) -> MutexGuard<'_, Bindings> {
+        // Every update of `Bindings` leaves it consistent before anything can panic.
+        self.bindings.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn events(&self) -> MutexGuard<'_, Events> {
@@ -703,13 +871,27 @@ fn lock_events(events: &Mutex<Events>) -> MutexGuard<'_, Events> {
     events.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn read_job(jobs: &HashMap<MapData, u64, Job>, cgroup_id: u64) -> Result<Job, TelemetryError> {
-    match jobs.get(&cgroup_id, 0) {
-        Ok(job) => Ok(job),
-        Err(MapError::KeyNotFound) => Err(TelemetryError::NotWatched { cgroup_id }),
-        Err(source) => Err(TelemetryError::Read { cgroup_id, source }),
+/// Checks that `job_slots` is what [`JobSlots::map`] expects, so a probe object out of sync with
+/// the loader fails here instead of mapping the wrong layout.
+fn check_slots_map(data: &MapData) -> Result<(), TelemetryError> {
+    let info = data.info().map_err(|source| TelemetryError::OpenMap {
+        map: "job_slots",
+        source,
+    })?;
+    let flags_ok = info.map_flags() & BPF_F_MMAPABLE != 0;
+    if info.value_size() as usize != size_of::<Job>()
+        || info.max_entries() != JOB_SLOTS
+        || !flags_ok
+    {
+        return Err(TelemetryError::Missing(
+            "job_slots as the loader expects it (mmapable, JOB_SLOTS entries of struct joblet_job)",
+        ));
     }
+    Ok(())
 }
+
+/// `BPF_F_MMAPABLE` (linux/bpf.h).
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// The loading process as the probes identify it (their `owner_*` globals): a spawn is a task
 /// this process clones into another cgroup.
