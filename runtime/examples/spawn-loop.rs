@@ -50,6 +50,8 @@ fn main() -> Result<()> {
     let t0 = Instant::now();
     let mut jobs = 0u64;
     let mut latencies = Vec::new();
+    // Per phase: Runtime::spawn, waiting for the exit, Job::finish.
+    let mut phases: [Vec<Duration>; 3] = Default::default();
     while Instant::now() < until {
         let started = Instant::now();
         let spec = JobSpec {
@@ -67,7 +69,9 @@ fn main() -> Result<()> {
             stderr: devnull.try_clone()?,
         };
         let job = rt.spawn(&spec, stdio)?;
+        let spawned = Instant::now();
         let status = job.wait()?;
+        let exited = Instant::now();
         if status != ExitStatus::Code(0) {
             return Err(format!("job exited with {status:?}").into());
         }
@@ -76,13 +80,13 @@ fn main() -> Result<()> {
             return Err(format!("finish: {e}").into());
         }
         jobs += 1;
-        latencies.push(started.elapsed());
+        let done = Instant::now();
+        latencies.push(done - started);
+        phases[0].push(spawned - started);
+        phases[1].push(exited - spawned);
+        phases[2].push(done - exited);
     }
-    latencies.sort_unstable();
-    let p50 = latencies
-        .get(latencies.len() / 2)
-        .copied()
-        .unwrap_or_default();
+    let p50 = median(&mut latencies);
     let dt = t0.elapsed().as_secs_f64();
     let busy = joblet_runtime::testsupport::host_busy_ticks()? - busy0;
     println!(
@@ -91,6 +95,8 @@ fn main() -> Result<()> {
         busy as f64 * 1e6 / TICKS_PER_SEC / jobs.max(1) as f64,
         p50.as_secs_f64() * 1e6
     );
+    let [spawn, wait, finish] = phases.map(|mut p| median(&mut p).as_secs_f64() * 1e6);
+    println!("  p50 per phase: spawn {spawn:.1} us, wait {wait:.1} us, finish {finish:.1} us");
     drop(rt);
     // Per-program BPF run time, when kernel.bpf_stats_enabled is 1.
     let mut total_ns = 0;
@@ -116,6 +122,11 @@ fn main() -> Result<()> {
     }
     std::fs::remove_dir_all(&state)?;
     Ok(())
+}
+
+fn median(values: &mut [Duration]) -> Duration {
+    values.sort_unstable();
+    values.get(values.len() / 2).copied().unwrap_or_default()
 }
 
 /// `USER_HZ`: the unit of /proc/stat on Linux.
