@@ -342,6 +342,9 @@ static __always_inline void hist_add(struct joblet_hist *h, u64 v)
 		idx = JOBLET_HIST_BUCKETS - 1;
 
 	__sync_fetch_and_add(&h->buckets[idx], 1);
+	/* Flagged after the bucket and before the count: see struct joblet_hist. */
+	if (!(h->groups & (1ULL << (idx / JOBLET_HIST_GROUP))))
+		h->groups |= 1ULL << (idx / JOBLET_HIST_GROUP);
 	__sync_fetch_and_add(&h->count, 1);
 	__sync_fetch_and_add(&h->total, v);
 	if (v > h->max)

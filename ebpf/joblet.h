@@ -17,11 +17,22 @@
  */
 #define JOBLET_HIST_FIRST 16
 #define JOBLET_HIST_BUCKETS 168
+/*
+ * Buckets per group of `groups`: 8 counters, a cache line. Userspace reads (and clears) only the
+ * groups a job used: a few of a histogram's 21.
+ */
+#define JOBLET_HIST_GROUP 8
 
 struct joblet_hist {
 	__u64 total; /* sum of the recorded values, ns */
 	__u64 count;
 	__u64 max; /* updated without atomics: two CPUs racing may lose the larger value */
+	/*
+	 * Bit g: buckets [8g, 8g + 8) may be non-zero. Set without atomics (-mcpu=v2 has no atomic
+	 * or): two CPUs racing may lose a bit, which userspace detects (the flagged buckets then
+	 * sum to less than `count`) and reads every bucket.
+	 */
+	__u64 groups;
 	__u64 buckets[JOBLET_HIST_BUCKETS];
 };
 

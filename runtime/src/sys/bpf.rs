@@ -21,8 +21,13 @@ pub(crate) struct Hist {
     pub(crate) total: u64,
     pub(crate) count: u64,
     pub(crate) max: u64,
+    /// Bit g: buckets `[8g, 8g + 8)` may be non-zero (may miss a bit: see `JobSlots::read`).
+    pub(crate) groups: u64,
     pub(crate) buckets: [u64; HIST_BUCKETS],
 }
+
+/// `JOBLET_HIST_GROUP`: buckets per bit of `Hist::groups`.
+const HIST_GROUP: usize = 8;
 
 /// `JOBLET_JOB_SLOTS`: slots of `job_slots`, and the most cgroups `jobs` binds.
 pub(crate) const JOB_SLOTS: u32 = 1024;
@@ -81,6 +86,7 @@ impl Hist {
         total: 0,
         count: 0,
         max: 0,
+        groups: 0,
         buckets: [0; HIST_BUCKETS],
     };
 }
@@ -181,7 +187,7 @@ impl Event {
     }
 }
 
-const _: () = assert!(size_of::<Hist>() == 24 + 8 * HIST_BUCKETS);
+const _: () = assert!(size_of::<Hist>() == 32 + 8 * HIST_BUCKETS);
 const _: () = assert!(size_of::<Job>() == 8 * 15 + 8 * 2 + 2 * size_of::<Hist>());
 const _: () = assert!(size_of::<BioJob>() == 8 * 2 + size_of::<Hist>());
 
@@ -202,10 +208,33 @@ const _: () = assert!(size_of::<Job>().is_multiple_of(8) && align_of::<Job>() ==
 // `set_generation` writes word 0.
 const _: () = assert!(std::mem::offset_of!(Job, generation) == 0);
 
+/// Word offsets of a job slot's parts: the counters before the histograms, and each histogram's
+/// header fields and buckets.
+mod words {
+    use super::{HIST_BUCKETS, Hist, Job};
+    use std::mem::offset_of;
+
+    /// The words before the first histogram (generation, counters, command figures).
+    pub(super) const COUNTERS: usize = offset_of!(Job, runq) / 8;
+    /// Where each of the slot's histograms starts.
+    pub(super) const HISTS: [usize; 2] = [offset_of!(Job, runq) / 8, offset_of!(Job, off_cpu) / 8];
+    /// Within a histogram: its header (total, count, max, groups), then its buckets.
+    pub(super) const COUNT: usize = offset_of!(Hist, count) / 8;
+    pub(super) const GROUPS: usize = offset_of!(Hist, groups) / 8;
+    pub(super) const BUCKETS: usize = offset_of!(Hist, buckets) / 8;
+    pub(super) const HIST: usize = BUCKETS + HIST_BUCKETS;
+
+    const _: () = assert!(HISTS[0] == COUNTERS && HISTS[1] == HISTS[0] + HIST);
+    const _: () = assert!(HISTS[1] + HIST == super::JOB_WORDS);
+}
+
 /// The `job_slots` array (`BPF_F_MMAPABLE`) mapped into this process: the probes and this process
 /// read and write the same memory, so a job's slot is reset and read without a syscall. Every
 /// access is an atomic load or store of one aligned `u64`, since the probes update slots from
 /// other CPUs at any time (with atomic adds, or plain stores of whole words).
+///
+/// Reads touch only the histogram buckets a job used (flagged in `Hist::groups`): a few cache
+/// lines of the slot's 45.
 pub(crate) struct JobSlots {
     base: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
     len: usize,
@@ -254,22 +283,82 @@ impl JobSlots {
         unsafe { self.base.add(slot as usize * JOB_WORDS + i).as_ref() }
     }
 
-    /// A copy of slot `slot`. Counters the probes are updating at the same time may be torn
-    /// between words (a histogram's count against its buckets), never within one.
-    pub(crate) fn read(&self, slot: u32) -> Job {
-        let mut words = [0u64; JOB_WORDS];
-        for (i, w) in words.iter_mut().enumerate() {
-            *w = self
-                .word(slot, i)
-                .load(std::sync::atomic::Ordering::Acquire);
-        }
-        // SAFETY: `words` is JOB_WORDS initialised u64s, exactly `size_of::<Job>()` bytes, and
-        // `Job: Pod` (every bit pattern valid, no padding); read_unaligned needs no alignment.
-        unsafe { std::ptr::read_unaligned(words.as_ptr().cast::<Job>()) }
+    fn load(&self, slot: u32, i: usize) -> u64 {
+        self.word(slot, i)
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Zeroes slot `slot` and sets its generation last (a non-zero one makes the probes count
-    /// into it; 0 makes it idle).
+    /// The slot's figures so far (the probes may be adding to them: counters can be torn
+    /// between words, a histogram's count against its buckets, never within one).
+    pub(crate) fn read(&self, slot: u32) -> Job {
+        let mut words = [0u64; JOB_WORDS];
+        self.read_into(slot, &mut words);
+        job_of(&words)
+    }
+
+    /// Reads the slot's job and leaves the slot all zero (idle, generation 0, ready for the
+    /// next job), touching only the words the job used. Only for a job whose tasks are gone:
+    /// a probe writing meanwhile could leave a word behind.
+    pub(crate) fn take(&self, slot: u32) -> Job {
+        use std::sync::atomic::Ordering;
+        // Idle first: from here on the probes ignore the slot.
+        let generation = self.word(slot, 0).swap(0, Ordering::AcqRel);
+        let mut words = [0u64; JOB_WORDS];
+        let flagged = self.read_into(slot, &mut words);
+        let clear = |range: std::ops::Range<usize>| {
+            for i in range {
+                if words[i] != 0 {
+                    self.word(slot, i).store(0, Ordering::Relaxed);
+                }
+            }
+        };
+        if flagged {
+            clear(1..words::COUNTERS);
+            for h in words::HISTS {
+                clear(h..h + words::BUCKETS);
+                for g in groups(words[h + words::GROUPS]) {
+                    clear(bucket_range(h, g));
+                }
+            }
+        } else {
+            clear(1..JOB_WORDS);
+        }
+        words[0] = generation;
+        job_of(&words)
+    }
+
+    /// Reads the slot into `words`: the counters, each histogram's header and the buckets its
+    /// `groups` flags. A histogram whose flagged buckets do not add up to its count (a flag
+    /// lost to a race, or the probes updating it right now) is read whole, and then `false`
+    /// is returned: buckets outside the flagged groups may be non-zero.
+    fn read_into(&self, slot: u32, words: &mut [u64; JOB_WORDS]) -> bool {
+        let mut flagged = true;
+        for (i, w) in words.iter_mut().enumerate().take(words::COUNTERS) {
+            *w = self.load(slot, i);
+        }
+        for h in words::HISTS {
+            for i in h..h + words::BUCKETS {
+                words[i] = self.load(slot, i);
+            }
+            let mut sum = 0u64;
+            for g in groups(words[h + words::GROUPS]) {
+                for i in bucket_range(h, g) {
+                    words[i] = self.load(slot, i);
+                    sum = sum.wrapping_add(words[i]);
+                }
+            }
+            if sum != words[h + words::COUNT] {
+                flagged = false;
+                for i in h + words::BUCKETS..h + words::HIST {
+                    words[i] = self.load(slot, i);
+                }
+            }
+        }
+        flagged
+    }
+
+    /// Zeroes slot `slot` whole and sets its generation last (a non-zero one makes the probes
+    /// count into it; 0 makes it idle).
     pub(crate) fn reset(&self, slot: u32, generation: u64) {
         for i in 1..JOB_WORDS {
             self.word(slot, i)
@@ -283,6 +372,24 @@ impl JobSlots {
         self.word(slot, 0)
             .store(generation, std::sync::atomic::Ordering::Release);
     }
+}
+
+/// The groups flagged in a histogram's `groups` word (bits beyond the last group ignored).
+fn groups(flags: u64) -> impl Iterator<Item = usize> {
+    (0..HIST_BUCKETS.div_ceil(HIST_GROUP)).filter(move |g| flags & (1 << g) != 0)
+}
+
+/// The words of group `g`'s buckets, in the histogram starting at word `h`.
+fn bucket_range(h: usize, g: usize) -> std::ops::Range<usize> {
+    let first = h + words::BUCKETS + g * HIST_GROUP;
+    first..(first + HIST_GROUP).min(h + words::HIST)
+}
+
+/// The job whose words these are.
+fn job_of(words: &[u64; JOB_WORDS]) -> Job {
+    // SAFETY: `words` is JOB_WORDS initialised u64s, exactly `size_of::<Job>()` bytes, and
+    // `Job: Pod` (every bit pattern valid, no padding); read_unaligned needs no alignment.
+    unsafe { std::ptr::read_unaligned(words.as_ptr().cast::<Job>()) }
 }
 
 impl Drop for JobSlots {
@@ -373,6 +480,74 @@ mod tests {
             }
         );
         assert_eq!(Event::parse(&raw[..EVENT_SIZE - 1]), None);
+    }
+
+    /// Slots over a memfd instead of the BPF map: the same shared-memory accesses.
+    fn memfd_slots() -> JobSlots {
+        let fd = rustix::fs::memfd_create("job-slots-test", rustix::fs::MemfdFlags::CLOEXEC)
+            .expect("memfd_create");
+        let page = rustix::param::page_size();
+        let len = (JOB_SLOTS as usize * size_of::<Job>()).div_ceil(page) * page;
+        rustix::fs::ftruncate(&fd, len as u64).expect("ftruncate");
+        JobSlots::map(std::os::fd::AsFd::as_fd(&fd)).expect("map")
+    }
+
+    fn store(slots: &JobSlots, slot: u32, i: usize, v: u64) {
+        slots
+            .word(slot, i)
+            .store(v, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn all_zero(slots: &JobSlots, slot: u32) -> bool {
+        (0..JOB_WORDS).all(|i| slots.load(slot, i) == 0)
+    }
+
+    /// Word of bucket `b` of histogram `h` (0: runq, 1: off_cpu).
+    fn bucket_word(h: usize, b: usize) -> usize {
+        words::HISTS[h] + words::BUCKETS + b
+    }
+
+    #[test]
+    fn a_taken_slot_returns_every_figure_and_is_left_all_zero() {
+        let slots = memfd_slots();
+        let slot = 3;
+        slots.reset(slot, 77);
+        // As the probes would: counters, and two runq buckets in different groups, flagged.
+        let voluntary = std::mem::offset_of!(Job, voluntary_switches) / 8;
+        store(&slots, slot, voluntary, 5);
+        store(&slots, slot, bucket_word(0, 2), 4);
+        store(&slots, slot, bucket_word(0, 100), 1);
+        store(&slots, slot, words::HISTS[0] + words::COUNT, 5);
+        store(
+            &slots,
+            slot,
+            words::HISTS[0] + words::GROUPS,
+            1 | 1 << (100 / HIST_GROUP),
+        );
+        let job = slots.read(slot);
+        assert_eq!((job.generation, job.voluntary_switches), (77, 5));
+        assert_eq!((job.runq.buckets[2], job.runq.buckets[100]), (4, 1));
+        let taken = slots.take(slot);
+        assert_eq!(taken.generation, 77);
+        assert_eq!(taken.runq.count, 5);
+        assert_eq!(taken.runq.buckets, job.runq.buckets);
+        assert!(all_zero(&slots, slot), "take leaves the slot all zero");
+        assert!(all_zero(&slots, slot - 1) && all_zero(&slots, slot + 1));
+    }
+
+    #[test]
+    fn a_bucket_whose_flag_was_lost_is_still_read_and_cleared() {
+        let slots = memfd_slots();
+        let slot = JOB_SLOTS - 1;
+        slots.reset(slot, 9);
+        // Two CPUs raced on `groups`: the off-CPU bucket 50 counted, its group not flagged.
+        store(&slots, slot, bucket_word(1, 3), 2);
+        store(&slots, slot, bucket_word(1, 50), 1);
+        store(&slots, slot, words::HISTS[1] + words::COUNT, 3);
+        store(&slots, slot, words::HISTS[1] + words::GROUPS, 1);
+        let job = slots.take(slot);
+        assert_eq!((job.off_cpu.buckets[3], job.off_cpu.buckets[50]), (2, 1));
+        assert!(all_zero(&slots, slot), "take clears unflagged buckets too");
     }
 
     #[test]

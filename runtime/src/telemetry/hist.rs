@@ -38,6 +38,7 @@ pub(crate) fn bucket_bounds(idx: usize) -> (u64, u64) {
 /// The index in a probe histogram of value `v`: its [`bucket_of`], with values below 32 ns in
 /// the first kept bucket and values from 7 * 2^44 ns (~34 h) in the last (`JOBLET_HIST_FIRST` in
 /// `ebpf/joblet.h`).
+#[cfg(test)]
 pub(crate) fn kernel_index(v: u64) -> usize {
     bucket_of(v).clamp(HIST_FIRST, HIST_FIRST + HIST_BUCKETS - 1) - HIST_FIRST
 }
@@ -92,126 +93,105 @@ const HDR_CAP: u64 = 1 << 62;
 /// report built four of them.
 const EXACT_CAP: usize = 1024;
 
-/// Accumulates values, exact ones (lifecycle events) or bucketed ones (kernel histograms).
+/// Accumulates exact values (lifecycle events): kept as they are up to [`EXACT_CAP`] of them,
+/// in an hdrhistogram and log-linear bucket counts beyond.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Recorder {
     /// The values themselves, while there are at most [`EXACT_CAP`] of them.
     exact: Vec<u64>,
-    /// Every value, once there were more than [`EXACT_CAP`] (created then, lazily).
-    hdr: Option<Histogram<u64>>,
-    /// A kernel histogram's non-empty buckets: (`[from, to)`, the value each of its values
-    /// stands for (see `from_kernel`), count), in increasing order. `buckets` stays empty for
-    /// those.
-    kernel: Vec<((u64, u64), u64, u64)>,
+    /// Every value, once there were more than [`EXACT_CAP`] (created then).
+    overflow: Option<Box<Overflow>>,
     total: u64,
     max: u64,
+}
+
+/// A [`Recorder`] past [`EXACT_CAP`] values.
+#[derive(Clone, Debug)]
+struct Overflow {
+    hdr: Histogram<u64>,
+    /// Values per [`bucket_of`] index.
     buckets: BTreeMap<usize, u64>,
+}
+
+impl Overflow {
+    fn record(&mut self, v: u64) {
+        // `record`, not `saturating_record`: the latter clamps to the current (resizable) top.
+        let _ = self.hdr.record(v.min(HDR_CAP));
+        *self.buckets.entry(bucket_of(v)).or_default() += 1;
+    }
+}
+
+/// The nearest-rank (1-based `rank` of `count`) value of the `q` quantile: `value(rank)`,
+/// except for an empty distribution (0).
+fn ranked(count: u64, q: f64, value: impl Fn(u64) -> u64) -> u64 {
+    if count == 0 {
+        return 0;
+    }
+    value(((q * count as f64).ceil() as u64).clamp(1, count))
 }
 
 impl Recorder {
     /// Records one exact value.
     pub(crate) fn record(&mut self, v: u64) {
-        match &mut self.hdr {
-            // `record`, not `saturating_record`: the latter clamps to the current (resizable) top.
-            Some(hdr) => {
-                let _ = hdr.record(v.min(HDR_CAP));
-            }
+        match &mut self.overflow {
+            Some(o) => o.record(v),
             None if self.exact.len() < EXACT_CAP => self.exact.push(v),
             None => {
-                let mut hdr = Histogram::new(3)
-                    .expect("3 significant digits is a valid hdrhistogram precision");
+                let mut o = Overflow {
+                    hdr: Histogram::new(3)
+                        .expect("3 significant digits is a valid hdrhistogram precision"),
+                    buckets: BTreeMap::new(),
+                };
                 for &x in self.exact.iter().chain([&v]) {
-                    let _ = hdr.record(x.min(HDR_CAP));
+                    o.record(x);
                 }
                 self.exact = Vec::new();
-                self.hdr = Some(hdr);
+                self.overflow = Some(Box::new(o));
             }
         }
         self.total = self.total.saturating_add(v);
         self.max = self.max.max(v);
-        *self.buckets.entry(bucket_of(v)).or_default() += 1;
     }
 
-    /// A recorder holding a kernel histogram: each bucket's values are taken at its midpoint for
-    /// the percentiles; total, count and max are the kernel's exact figures. Two refinements use
-    /// them: the top bucket ends at the exact max, and a histogram with a single non-empty bucket
-    /// is read at its exact mean (total / count).
-    pub(crate) fn from_kernel(h: &Hist) -> Recorder {
-        // Built for every finished job: one pass over the buckets, no map (a report is built
-        // right after the job ran, with cold caches, where every allocation and pass shows).
-        let mut r = Recorder::default();
-        if h.count == 0 {
-            return r;
-        }
-        let max_bucket = kernel_index(h.max);
-        for (idx, &n) in h.buckets.iter().enumerate().take(HIST_BUCKETS) {
-            if n == 0 {
-                continue;
-            }
-            let bounds = kernel_bounds(idx);
-            // The values stand for the middle of what the bucket can hold: up to the exact max.
-            let (from, mut to) = bounds;
-            if idx == max_bucket {
-                to = to.min(h.max.saturating_add(1)).max(from + 1);
-            }
-            r.kernel.push((bounds, from + (to - from) / 2, n));
-        }
-        if let [((from, to), mid, n)] = &mut r.kernel[..]
-            && h.count == *n
-        {
-            let to = (*to).min(h.max.saturating_add(1)).max(*from + 1);
-            *mid = (h.total / *n).clamp(*from, to - 1);
-        }
-        r.total = h.total;
-        r.max = h.max;
-        r
-    }
-
-    /// The value of nearest rank `rank` (1-based) among `count` values; `sorted` is `exact`,
-    /// sorted.
-    fn at_rank(&self, rank: u64, q: f64, sorted: &[u64]) -> u64 {
-        if let Some(hdr) = &self.hdr {
-            return hdr.value_at_quantile(q);
-        }
-        if !self.kernel.is_empty() {
-            let mut seen = 0;
-            for &(_, value, n) in &self.kernel {
-                seen += n;
-                if seen >= rank {
-                    return value;
-                }
-            }
-            return self.kernel.last().map_or(0, |&(_, v, _)| v);
-        }
-        sorted
-            .get(rank.saturating_sub(1) as usize)
-            .or(sorted.last())
-            .copied()
-            .unwrap_or(0)
-    }
-
-    /// The distribution's summary. Percentiles are nearest-rank; they are clamped to the exact
-    /// maximum, since a bucket midpoint can exceed it.
+    /// The distribution's summary. Percentiles are nearest-rank: exact while the values are
+    /// kept, hdrhistogram's (3 significant digits) beyond, clamped to the exact maximum.
     pub(crate) fn distribution(&self) -> Distribution {
-        let count = if self.kernel.is_empty() {
-            self.buckets.values().sum()
-        } else {
-            self.kernel.iter().map(|&(_, _, n)| n).sum()
+        let bucket = |(idx, count): (usize, u64)| {
+            let (from, to) = bucket_bounds(idx);
+            Bucket { from, to, count }
         };
-        let mut sorted = Vec::new();
-        if self.hdr.is_none() && self.kernel.is_empty() && count > 0 {
-            sorted.clone_from(&self.exact);
-            sorted.sort_unstable();
+        if let Some(o) = &self.overflow {
+            let count = o.hdr.len();
+            let q = |q| ranked(count, q, |_| o.hdr.value_at_quantile(q).min(self.max));
+            return Distribution {
+                total: self.total,
+                count,
+                p50: q(0.50),
+                p90: q(0.90),
+                p99: q(0.99),
+                max: self.max,
+                buckets: o.buckets.iter().map(|(&i, &n)| bucket((i, n))).collect(),
+            };
         }
-        let q = |q: f64| {
-            if count == 0 {
-                0
-            } else {
-                let rank = ((q * count as f64).ceil() as u64).clamp(1, count);
-                self.at_rank(rank, q, &sorted).min(self.max)
-            }
+        // Recorded in time order, which for one value (the common case: a job's command) or
+        // values that only grow is already sorted: no copy then.
+        let sorted: std::borrow::Cow<'_, [u64]> = if self.exact.is_sorted() {
+            std::borrow::Cow::Borrowed(&self.exact)
+        } else {
+            let mut v = self.exact.clone();
+            v.sort_unstable();
+            std::borrow::Cow::Owned(v)
         };
-        let bucket = |(from, to): (u64, u64), count: u64| Bucket { from, to, count };
+        let count = sorted.len() as u64;
+        let q = |q| ranked(count, q, |rank| sorted[rank as usize - 1]);
+        let mut buckets: Vec<Bucket> = Vec::new();
+        for &v in sorted.iter() {
+            let idx = bucket_of(v);
+            match buckets.last_mut() {
+                Some(last) if bucket_bounds(idx).0 == last.from => last.count += 1,
+                _ => buckets.push(bucket((idx, 1))),
+            }
+        }
         Distribution {
             total: self.total,
             count,
@@ -219,17 +199,66 @@ impl Recorder {
             p90: q(0.90),
             p99: q(0.99),
             max: self.max,
-            buckets: if self.kernel.is_empty() {
-                self.buckets
-                    .iter()
-                    .map(|(&idx, &count)| bucket(bucket_bounds(idx), count))
-                    .collect()
+            buckets,
+        }
+    }
+}
+
+impl Distribution {
+    /// The distribution of a probe histogram: each bucket's values are taken at its midpoint
+    /// for the percentiles; total, count and max are the kernel's exact figures. Two
+    /// refinements use them: the top bucket ends at the exact max, and a histogram with a
+    /// single non-empty bucket is read at its exact mean (total / count).
+    pub(crate) fn from_kernel(h: &Hist) -> Distribution {
+        // Built for every finished job, right after it ran with cold caches: one pass over the
+        // buckets and one allocation (the non-empty buckets).
+        if h.count == 0 {
+            return Distribution::default();
+        }
+        let buckets: Vec<Bucket> = h
+            .buckets
+            .iter()
+            .enumerate()
+            .filter(|&(_, &n)| n != 0)
+            .map(|(i, &count)| {
+                let (from, to) = kernel_bounds(i);
+                Bucket { from, to, count }
+            })
+            .collect();
+        let count = buckets.iter().map(|b| b.count).sum();
+        // The value a bucket's values stand for: the middle of what it can hold, up to the
+        // exact max.
+        let mid = |b: &Bucket| {
+            let to = if (b.from..b.to).contains(&h.max) {
+                b.to.min(h.max.saturating_add(1)).max(b.from + 1)
             } else {
-                self.kernel
-                    .iter()
-                    .map(|&(bounds, _, count)| bucket(bounds, count))
-                    .collect()
-            },
+                b.to
+            };
+            if buckets.len() == 1 && h.count == b.count {
+                (h.total / b.count).clamp(b.from, to - 1)
+            } else {
+                b.from + (to - b.from) / 2
+            }
+        };
+        let at_rank = |rank: u64| {
+            let mut seen = 0;
+            for b in &buckets {
+                seen += b.count;
+                if seen >= rank {
+                    return mid(b);
+                }
+            }
+            buckets.last().map_or(0, mid)
+        };
+        let q = |q| ranked(count, q, |rank| at_rank(rank).min(h.max));
+        Distribution {
+            total: h.total,
+            count,
+            p50: q(0.50),
+            p90: q(0.90),
+            p99: q(0.99),
+            max: h.max,
+            buckets,
         }
     }
 }
@@ -311,6 +340,7 @@ mod tests {
             total: 0,
             count: 0,
             max: 0,
+            groups: 0,
             buckets: [0; HIST_BUCKETS],
         };
         // 10 values of ~1 ms (bucket of 1_000_000), one of ~3 ms.
@@ -319,7 +349,7 @@ mod tests {
         h.total = 10 * 1_000_000 + 3_000_000;
         h.count = 11;
         h.max = 3_000_000;
-        let d = Recorder::from_kernel(&h).distribution();
+        let d = Distribution::from_kernel(&h);
         assert_eq!(d.count, 11);
         assert_eq!(d.total, 13_000_000);
         assert_eq!(d.buckets.len(), 2);
@@ -338,10 +368,11 @@ mod tests {
             total: 400_200_000,
             count: 2,
             max: 200_150_000,
+            groups: 0,
             buckets: [0; HIST_BUCKETS],
         };
         h.buckets[kernel_index(200_100_000)] = 2;
-        let d = Recorder::from_kernel(&h).distribution();
+        let d = Distribution::from_kernel(&h);
         assert!(d.p50.abs_diff(200_100_000) < 200_000, "p50 {}", d.p50);
     }
 
@@ -363,7 +394,7 @@ mod tests {
         for v in 1..=10_000u64 {
             r.record(v * 100);
         }
-        assert!(r.hdr.is_some() && r.exact.is_empty());
+        assert!(r.overflow.is_some() && r.exact.is_empty());
         let d = r.distribution();
         assert_eq!(d.count, 10_000);
         assert_eq!(d.total, 10_000 * 10_001 / 2 * 100);
@@ -379,6 +410,25 @@ mod tests {
         }
         let d = r.distribution();
         assert_eq!((d.p50, d.p90, d.p99, d.max), (3, 5, 5, 5));
+    }
+
+    #[test]
+    fn exact_values_are_bucketed_like_the_probes_in_order() {
+        let mut r = Recorder::default();
+        for v in [5_000, 1_000, 1_001, 40, 1_002] {
+            r.record(v);
+        }
+        let d = r.distribution();
+        let at = |v| {
+            let (from, to) = bucket_bounds(bucket_of(v));
+            (from, to)
+        };
+        let got: Vec<_> = d.buckets.iter().map(|b| (b.from, b.to, b.count)).collect();
+        let want = [(at(40), 1), (at(1_000), 3), (at(5_000), 1)]
+            .map(|((from, to), n)| (from, to, n))
+            .to_vec();
+        assert_eq!(got, want);
+        assert_eq!((d.count, d.total, d.max), (5, 8_043, 5_000));
     }
 
     #[test]

@@ -282,6 +282,9 @@ struct Bindings {
     /// Idle bindings by when they became idle (`stamp`), oldest first.
     idle: BTreeMap<u64, u64>,
     stamp: u64,
+    /// Per slot: it is all zero (its last job was taken after its tasks were gone, or it was
+    /// never used), so a new job only needs its generation set.
+    clean: Vec<bool>,
 }
 
 #[derive(Clone, Copy)]
@@ -299,6 +302,8 @@ impl Bindings {
         Bindings {
             // Popped from the end: slot 0 first.
             free: (0..JOB_SLOTS).rev().collect(),
+            // A new array map is all zero.
+            clean: vec![true; JOB_SLOTS as usize],
             ..Bindings::default()
         }
     }
@@ -576,7 +581,7 @@ impl Telemetry {
             if let Some(stamp) = idle {
                 bindings.idle.remove(&stamp);
             }
-            self.slots.reset(slot, generation);
+            self.start(&mut bindings, slot, generation);
             return Ok(());
         }
         let slot = match bindings.free.pop() {
@@ -584,9 +589,10 @@ impl Telemetry {
             None => self.evict_idle(&mut bindings, cgroup_id)?,
         };
         // Reset before binding: the probes never see the slot's previous figures.
-        self.slots.reset(slot, generation);
+        self.start(&mut bindings, slot, generation);
         if let Err(source) = self.jobs_map().insert(cgroup_id, slot, 0) {
             self.slots.set_generation(slot, 0);
+            bindings.clean[slot as usize] = true;
             bindings.free.push(slot);
             return Err(TelemetryError::Watch { cgroup_id, source });
         }
@@ -599,6 +605,16 @@ impl Telemetry {
             },
         );
         Ok(())
+    }
+
+    /// Starts a job of generation `generation` in `slot`: all zero but its generation.
+    fn start(&self, bindings: &mut Bindings, slot: u32, generation: u64) {
+        let clean = &mut bindings.clean[slot as usize];
+        if std::mem::take(clean) {
+            self.slots.set_generation(slot, generation);
+        } else {
+            self.slots.reset(slot, generation);
+        }
     }
 
     /// Unbinds the cgroup that has been idle the longest and returns its slot.
@@ -690,9 +706,14 @@ impl Telemetry {
             .active(cgroup_id)
             .ok_or(TelemetryError::NotWatched { cgroup_id })?;
         // The slot stays this job's until `set_idle`: only an idle slot is reset or given away.
-        let job = self.slots.read(binding.slot);
-        self.slots.set_generation(binding.slot, 0);
-        self.bindings().set_idle(cgroup_id);
+        let job = self.slots.take(binding.slot);
+        let mut bindings = self.bindings();
+        // A spawned job's tasks are gone (see `finish`), so nothing wrote the slot after `take`
+        // cleared it; a watched job's may still run (`joblet top` finishes jobs it stops
+        // showing), so its slot is reset whole before its next job.
+        bindings.clean[binding.slot as usize] = binding.spawn_gen.is_some();
+        bindings.set_idle(cgroup_id);
+        drop(bindings);
         if binding.spawn_gen == Some(job.generation) {
             return Err(TelemetryError::SpawnNotSeen { cgroup_id });
         }

@@ -94,10 +94,10 @@ impl LatencyReport {
         LatencyReport {
             spawn_to_exec_ns: life.spawn_to_exec.distribution(),
             exec_to_exit_ns: life.exec_to_exit.distribution(),
-            runq_wait_ns: Recorder::from_kernel(&job.runq).distribution(),
-            off_cpu_ns: Recorder::from_kernel(&job.off_cpu).distribution(),
+            runq_wait_ns: Distribution::from_kernel(&job.runq),
+            off_cpu_ns: Distribution::from_kernel(&job.off_cpu),
             block_io_ns: bio
-                .map(|b| Recorder::from_kernel(&b.latency).distribution())
+                .map(|b| Distribution::from_kernel(&b.latency))
                 .unwrap_or_default(),
             block_io_bytes: bio.map_or(0, |b| b.bytes),
             on_cpu_ns: job.on_cpu_ns,
