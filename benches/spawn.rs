@@ -30,7 +30,9 @@
 //! - `JOBLET_BENCH_THREADS` (default `1,2,4`): the thread counts;
 //! - `JOBLET_BENCH_MODES` (default all): the modes to run, comma-separated among `bare`,
 //!   `ns`, `pooled`, `fresh`, `notemplate`, `traced` (e.g. `pooled,traced` for telemetry on vs off);
-//! - `JOBLET_BENCH_BPF_STATS=1`: per-program BPF run time of the traced cells.
+//! - `JOBLET_BENCH_BPF_STATS=1`: per-program BPF run time of the traced cells;
+//! - `JOBLET_BENCH_PROBES=PATH`: the traced cells load this build of `ebpf/joblet.bpf.c`
+//!   instead of the embedded one (same maps and programs), to compare variants.
 //!
 //! Telemetry "off" means no probes attached at all: the probes are loaded once, before the
 //! first cell, and attached only for the traced cells (before their warm-up, detached after
@@ -337,7 +339,14 @@ fn main() {
     print_context(secs, rounds, &threads, &noop);
     // Loaded once (tens of ms of verification and map allocation), attached per traced cell.
     let telemetry = modes.contains(&Mode::PooledTraced).then(|| {
-        let t = Telemetry::load().expect("load the eBPF probes");
+        let t = match std::env::var_os("JOBLET_BENCH_PROBES") {
+            // A heap buffer this large is 16-byte aligned (glibc), as the ELF parser needs.
+            Some(path) => Telemetry::load_object(
+                &std::fs::read(&path).expect("read the JOBLET_BENCH_PROBES object"),
+            ),
+            None => Telemetry::load(),
+        }
+        .expect("load the eBPF probes");
         t.set_attached(false).expect("detach the eBPF probes");
         std::sync::Arc::new(t)
     });

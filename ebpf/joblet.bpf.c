@@ -33,6 +33,17 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
+#ifdef JOBLET_BENCH_STUB
+/*
+ * Benchmark variant only (docs/PERFORMANCE.md, "Fifth session"): every program returns at once,
+ * except that the fork probe still starts jobs (so the runtime's `finish` works): what attaching
+ * the programs and the runtime's own telemetry work cost, without the probes' work.
+ */
+#define BENCH_STUB() return 0
+#else
+#define BENCH_STUB() do {} while (0)
+#endif
+
 /*
  * The loading process ("owner"), set by the loader before verification (frozen .rodata, so the
  * verifier prunes the branch not taken). Its tgid as seen in the pid namespace (dev, ino), or,
@@ -431,6 +442,7 @@ static __always_inline void emit(struct joblet_job *job, u64 cgid, u64 now, u64 
 SEC("raw_tracepoint/sched_switch")
 int joblet_sched_switch(struct bpf_raw_tracepoint_args *ctx)
 {
+	BENCH_STUB();
 	bool preempt = (bool)(ctx->args[0] & 0xff);
 	struct task_struct *prev = (struct task_struct *)ctx->args[1];
 	struct task_struct *next = (struct task_struct *)ctx->args[2];
@@ -504,6 +516,7 @@ static __always_inline int on_wakeup(struct task_struct *p)
 SEC("raw_tracepoint/sched_wakeup")
 int joblet_sched_wakeup(struct bpf_raw_tracepoint_args *ctx)
 {
+	BENCH_STUB();
 	return on_wakeup((struct task_struct *)ctx->args[0]);
 }
 
@@ -515,6 +528,7 @@ int joblet_sched_wakeup(struct bpf_raw_tracepoint_args *ctx)
 SEC("raw_tracepoint/sched_wakeup_new")
 int joblet_sched_wakeup_new(struct bpf_raw_tracepoint_args *ctx)
 {
+	BENCH_STUB();
 	return on_wakeup((struct task_struct *)ctx->args[0]);
 }
 
@@ -540,6 +554,7 @@ int joblet_sched_process_fork(struct bpf_raw_tracepoint_args *ctx)
 	} else {
 		job = job_of_cgroup(&cgid);
 	}
+	BENCH_STUB();
 	if (!job)
 		return 0;
 	set_task(NULL, &key, cgid, job, ST_UNKNOWN, 0);
@@ -565,6 +580,7 @@ int joblet_sched_process_fork(struct bpf_raw_tracepoint_args *ctx)
 SEC("raw_tracepoint/sched_process_exec")
 int joblet_sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
 {
+	BENCH_STUB();
 	struct task_struct *p = (struct task_struct *)ctx->args[0];
 	struct joblet_job *job;
 	struct proc_entry *pe;
@@ -627,6 +643,7 @@ int joblet_sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
 SEC("raw_tracepoint/sched_process_exit")
 int joblet_sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
 {
+	BENCH_STUB();
 	struct task_struct *p = (struct task_struct *)ctx->args[0];
 	struct joblet_job *job;
 	struct task_entry *te;
@@ -758,6 +775,7 @@ static __always_inline int on_bio_queue(struct bio *bio)
 SEC("raw_tracepoint/block_bio_queue")
 int joblet_block_bio_queue(struct bpf_raw_tracepoint_args *ctx)
 {
+	BENCH_STUB();
 	return on_bio_queue((struct bio *)ctx->args[0]);
 }
 
@@ -769,6 +787,7 @@ int joblet_block_bio_queue(struct bpf_raw_tracepoint_args *ctx)
 SEC("raw_tracepoint/block_bio_queue")
 int joblet_block_bio_queue_pre511(struct bpf_raw_tracepoint_args *ctx)
 {
+	BENCH_STUB();
 	return on_bio_queue((struct bio *)ctx->args[1]);
 }
 
@@ -804,6 +823,7 @@ static __always_inline void bio_done(u64 key)
 SEC("raw_tracepoint/block_rq_complete")
 int joblet_block_rq_complete(struct bpf_raw_tracepoint_args *ctx)
 {
+	BENCH_STUB();
 	struct request *rq = (struct request *)ctx->args[0];
 	u32 left = (u32)ctx->args[2];
 	struct bio *bio;
@@ -834,6 +854,7 @@ int joblet_block_rq_complete(struct bpf_raw_tracepoint_args *ctx)
 SEC("raw_tracepoint/block_bio_complete")
 int joblet_block_bio_complete(struct bpf_raw_tracepoint_args *ctx)
 {
+	BENCH_STUB();
 	if (!*(volatile u64 *)&bios_in_flight)
 		return 0;
 	bio_done((u64)ctx->args[1]);
