@@ -9,8 +9,9 @@
  * task is the current one) is a key of `jobs`. Events in the task's own context (switch-out,
  * fork, exec, exit) filter host tasks by that cgroup id; events about another task (switch-in,
  * wakeups) first look the task up in `tasks`, keyed by its task_struct address, which the fork
- * probe and the task's first switch-out fill in: one hash lookup and no CO-RE read for a host
- * task, and the cgroup is read only to confirm a hit.
+ * probe and the task's first switch-out fill in, and the cgroup is read only to confirm a hit.
+ * Counting filters in front of `jobs` and `tasks` (`cgroup_filter`, `task_filter`) answer "not
+ * a key" for nearly every host task with one array load: no hash lookup, no CO-RE read.
  * A job's figures live in a slot of `job_slots`, an array userspace maps into its memory: it
  * resets the slot before the spawn and reads it after the exit without a syscall, and binds the
  * cgroup to the slot (`jobs`) once per cgroup. The fork probe stamps the job's start when the
@@ -113,6 +114,22 @@ struct {
 	__type(value, u32); /* its index in job_slots */
 } jobs SEC(".maps");
 
+/* Counts of `jobs` keys per filter slot, kept by userspace through a memory mapping. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, u32);
+	__type(value, struct joblet_filter);
+} cgroup_filter SEC(".maps");
+
+/*
+ * Counts of `tasks` keys per filter slot: raised before an insert, lowered after a successful
+ * delete. An insert that replaced an entry or an entry the LRU evicted leaves a count too high,
+ * which only costs a lookup.
+ */
+struct joblet_filter task_filter = {};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 32768);
@@ -195,16 +212,34 @@ static __always_inline u64 cgroup_of(struct task_struct *t)
 	return BPF_CORE_READ(t, cgroups, dfl_cgrp, kn, id);
 }
 
+/* The filter count of `key`'s slot (the mask only tells the verifier the index is in bounds). */
+static __always_inline u32 *filter_count(struct joblet_filter *f, u64 key)
+{
+	return &f->counts[joblet_filter_slot(key) & ((1 << JOBLET_FILTER_BITS) - 1)];
+}
+
 /* The job running in cgroup `cgid`: its slot, when the cgroup is bound to one and the slot is active. */
 static __always_inline struct joblet_job *job_of_cgroup(u64 *cgid)
 {
+	struct joblet_filter *f;
 	struct joblet_job *job;
-	u32 *slot = bpf_map_lookup_elem(&jobs, cgid);
+	u32 zero = 0, *slot;
 
+	f = bpf_map_lookup_elem(&cgroup_filter, &zero);
+	if (!f || !*filter_count(f, *cgid))
+		return NULL;
+	slot = bpf_map_lookup_elem(&jobs, cgid);
 	if (!slot)
 		return NULL;
 	job = bpf_map_lookup_elem(&job_slots, slot);
 	return job && job->gen ? job : NULL;
+}
+
+/* Deletes a task's entry, keeping `task_filter` in step. */
+static __always_inline void task_delete(u64 *key)
+{
+	if (!bpf_map_delete_elem(&tasks, key))
+		__sync_fetch_and_add(filter_count(&task_filter, *key), -1);
 }
 
 /* The key of a task in `tasks`: its task_struct's address. */
@@ -224,7 +259,7 @@ static __always_inline struct task_entry *task_entry(u64 *key, u64 cgid, struct 
 /*
  * The job of task `t`, which is not the current task, with `*te` its entry, for the events that
  * fire in another task's context (switch-in, wakeups). Tasks without an entry are not looked at
- * further: a host task costs one lookup. A job task has one from its fork, or from its first
+ * further: a host task costs a `task_filter` load (a lookup on a filter collision). A job task has one from its fork, or from its first
  * switch-out as a job task (a task moved into the job's cgroup, or running when the job was
  * watched: it is measured from then on). A hit is confirmed by the task's cgroup: an entry of a
  * task that left the job is dropped, one of an earlier job in the same cgroup is replaced
@@ -235,13 +270,16 @@ static __always_inline struct joblet_job *job_of_other(struct task_struct *t, u6
 {
 	struct joblet_job *job;
 
+	*te = NULL;
+	if (!*filter_count(&task_filter, *key))
+		return NULL;
 	*te = bpf_map_lookup_elem(&tasks, key);
 	if (!*te)
 		return NULL;
 	*cgid = cgroup_of(t);
 	job = job_of_cgroup(cgid);
 	if (!job) {
-		bpf_map_delete_elem(&tasks, key);
+		task_delete(key);
 		*te = NULL;
 		return NULL;
 	}
@@ -378,8 +416,12 @@ static __always_inline void set_task(struct task_entry *te, u64 *key, u64 cgid,
 		te->state = state;
 		return;
 	}
-	if (bpf_map_update_elem(&tasks, key, &e, BPF_ANY))
+	/* Counted first: the filter must never be 0 while the entry exists. */
+	__sync_fetch_and_add(filter_count(&task_filter, *key), 1);
+	if (bpf_map_update_elem(&tasks, key, &e, BPF_ANY)) {
+		__sync_fetch_and_add(filter_count(&task_filter, *key), -1);
 		count(JOBLET_COUNTER_TASK_MAP_FULL);
+	}
 }
 
 /*
@@ -437,7 +479,7 @@ static __always_inline void emit(struct joblet_job *job, u64 cgid, u64 now, u64 
 /*
  * raw_tracepoint/sched_switch: (bool preempt, prev, next[, unsigned int prev_state since 5.18]),
  * in prev's context: prev is the current task. Host tasks cost a cgroup id (one helper call) and
- * two failed lookups, no clock read.
+ * two filter loads, no map lookup and no clock read.
  */
 SEC("raw_tracepoint/sched_switch")
 int joblet_sched_switch(struct bpf_raw_tracepoint_args *ctx)
@@ -463,7 +505,7 @@ int joblet_sched_switch(struct bpf_raw_tracepoint_args *ctx)
 			 * preemption or sleep between that tracepoint and exit_notify() may have
 			 * made a new one: drop it, stale or not, before the task_struct is reused.
 			 */
-			bpf_map_delete_elem(&tasks, &key);
+			task_delete(&key);
 		} else if (!preempt && task_state(prev) != 0) {
 			/* The kernel's own rule for nvcsw / nivcsw in __schedule(). */
 			__sync_fetch_and_add(&job->voluntary_switches, 1);
@@ -663,7 +705,7 @@ int joblet_sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
 	/* Its last on-CPU stretch: the final switch-out comes after the entry is gone. */
 	if (te && te->state == ST_ONCPU)
 		__sync_fetch_and_add(&job->on_cpu_ns, now - te->ts);
-	bpf_map_delete_elem(&tasks, &key);
+	task_delete(&key);
 
 	/* signal->live was decremented before this tracepoint: 0 means the whole process is gone. */
 	if (BPF_CORE_READ(p, signal, live.counter) != 0)

@@ -40,6 +40,25 @@ struct joblet_hist {
 #define JOBLET_JOB_SLOTS 1024
 
 /*
+ * Counting filters in front of the `jobs` and `tasks` hash maps, so that host tasks, which are
+ * most of what the scheduler probes see, cost an array load instead of a failed hash lookup:
+ * counts[joblet_filter_slot(key)] is at least the number of the map's keys with that slot, so 0
+ * means "not a key". `cgroup_filter` counts `jobs` keys (cgroup ids, kept by userspace, which
+ * alone updates `jobs`), the probes' `task_filter` counts `tasks` keys (task_struct addresses).
+ */
+#define JOBLET_FILTER_BITS 12
+
+struct joblet_filter {
+	__u32 counts[1 << JOBLET_FILTER_BITS];
+};
+
+/* Fibonacci hashing of a key to a filter slot (runtime/src/sys/bpf.rs has the same). */
+static inline __u32 joblet_filter_slot(__u64 key)
+{
+	return (__u32)((key * 0x9E3779B97F4A7C15ULL) >> (64 - JOBLET_FILTER_BITS));
+}
+
+/*
  * A slot of the `job_slots` array (memory-mapped by userspace), bound to the job's cgroup v2 id
  * by the `jobs` map. Userspace zeroes it and sets `gen` before the job's spawn (or `watch`), and
  * sets `gen` to 0 (idle) once it read the figures after the job's exit.

@@ -235,24 +235,27 @@ mod words {
 ///
 /// Reads touch only the histogram buckets a job used (flagged in `Hist::groups`): a few cache
 /// lines of the slot's 45.
-pub(crate) struct JobSlots {
-    base: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+pub(crate) struct JobSlots(Mapping);
+
+/// A shared, read-write memory mapping of a `BPF_F_MMAPABLE` array map, accessed only through
+/// atomics of its element type (`u64` or `u32`), since the probes update it from other CPUs.
+struct Mapping {
+    base: std::ptr::NonNull<u8>,
     len: usize,
 }
 
-// SAFETY: the mapping is shared memory reached only through atomic operations (see `word`), which
-// any thread may perform; it is unmapped once, by `Drop`.
-unsafe impl Send for JobSlots {}
-// SAFETY: as for `Send`: `&JobSlots` only allows atomic loads and stores.
-unsafe impl Sync for JobSlots {}
+// SAFETY: the mapping is shared memory reached only through atomic operations (see `JobSlots::word`
+// and `CgroupFilter::count`), which any thread may perform; it is unmapped once, by `Drop`.
+unsafe impl Send for Mapping {}
+// SAFETY: as for `Send`: `&Mapping` only allows atomic loads and stores.
+unsafe impl Sync for Mapping {}
 
-impl JobSlots {
-    /// Maps the array map `fd`, which must be `job_slots` as the object defines it (an mmapable
-    /// `BPF_MAP_TYPE_ARRAY` of [`JOB_SLOTS`] [`Job`]s: the caller checks the map's definition).
-    /// The mapping keeps the map alive after `fd` is closed.
-    pub(crate) fn map(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<JobSlots> {
+impl Mapping {
+    /// Maps the first `bytes` (rounded up to pages) of the mmapable array map `fd`. The mapping
+    /// keeps the map alive after `fd` is closed.
+    fn new(fd: std::os::fd::BorrowedFd<'_>, bytes: usize, name: &str) -> std::io::Result<Mapping> {
         let page = rustix::param::page_size();
-        let len = (JOB_SLOTS as usize * size_of::<Job>()).div_ceil(page) * page;
+        let len = bytes.div_ceil(page) * page;
         // SAFETY: a new shared mapping at an address the kernel picks, so it overlaps no Rust
         // object; the kernel checks `len` against the map's size and that it is mmapable.
         let ptr = unsafe {
@@ -266,8 +269,24 @@ impl JobSlots {
             )
         }?;
         let base = std::ptr::NonNull::new(ptr.cast())
-            .ok_or_else(|| std::io::Error::other("mmap of job_slots returned null"))?;
-        Ok(JobSlots { base, len })
+            .ok_or_else(|| std::io::Error::other(format!("mmap of {name} returned null")))?;
+        Ok(Mapping { base, len })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `base` and `len` are the mapping made in `new`, unmapped only here; no
+        // reference into it outlives `self` (the accessors borrow their owner).
+        let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+impl JobSlots {
+    /// Maps the array map `fd`, which must be `job_slots` as the object defines it (an mmapable
+    /// `BPF_MAP_TYPE_ARRAY` of [`JOB_SLOTS`] [`Job`]s: the caller checks the map's definition).
+    pub(crate) fn map(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<JobSlots> {
+        Mapping::new(fd, JOB_SLOTS as usize * size_of::<Job>(), "job_slots").map(JobSlots)
     }
 
     /// Word `i` of slot `slot`.
@@ -280,7 +299,13 @@ impl JobSlots {
         // see `map`), so the offset is in bounds; it is page-aligned, so every word is 8-byte
         // aligned; and it lives as long as `self`. Kernel and probes access the words
         // atomically or as whole aligned words, so sharing them as `AtomicU64` is sound.
-        unsafe { self.base.add(slot as usize * JOB_WORDS + i).as_ref() }
+        unsafe {
+            self.0
+                .base
+                .cast::<std::sync::atomic::AtomicU64>()
+                .add(slot as usize * JOB_WORDS + i)
+                .as_ref()
+        }
     }
 
     fn load(&self, slot: u32, i: usize) -> u64 {
@@ -392,11 +417,63 @@ fn job_of(words: &[u64; JOB_WORDS]) -> Job {
     unsafe { std::ptr::read_unaligned(words.as_ptr().cast::<Job>()) }
 }
 
-impl Drop for JobSlots {
-    fn drop(&mut self) {
-        // SAFETY: `base` and `len` are the mapping made in `map`, unmapped only here; no
-        // reference into it outlives `self` (`word` borrows `self`).
-        let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.len) };
+/// `JOBLET_FILTER_BITS`: a filter has `1 << FILTER_BITS` counts.
+const FILTER_BITS: u32 = 12;
+const FILTER_SLOTS: usize = 1 << FILTER_BITS;
+
+/// Bytes of `struct joblet_filter`.
+pub(crate) const FILTER_BYTES: usize = FILTER_SLOTS * 4;
+
+/// `joblet_filter_slot` in `ebpf/joblet.h`: Fibonacci hashing of a key to a filter slot.
+fn filter_slot(key: u64) -> usize {
+    (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - FILTER_BITS)) as usize
+}
+
+/// The `cgroup_filter` array map (`BPF_F_MMAPABLE`, one `struct joblet_filter`) mapped into this
+/// process: per filter slot, at least as many as the `jobs` keys (cgroup ids) in it, so the
+/// probes skip the `jobs` lookup for a cgroup whose count is 0. Only this process changes it:
+/// up before it inserts a key into `jobs`, down after it deleted one.
+pub(crate) struct CgroupFilter(Mapping);
+
+impl CgroupFilter {
+    /// Maps the array map `fd`, which must be `cgroup_filter` as the object defines it (the
+    /// caller checks the map's definition).
+    pub(crate) fn map(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<CgroupFilter> {
+        Mapping::new(fd, FILTER_BYTES, "cgroup_filter").map(CgroupFilter)
+    }
+
+    fn count(&self, cgroup_id: u64) -> &std::sync::atomic::AtomicU32 {
+        let i = filter_slot(cgroup_id);
+        assert!(i < FILTER_SLOTS);
+        // SAFETY: the mapping holds FILTER_SLOTS u32 counts (see `map`), `i` is in bounds, the
+        // page-aligned base makes every count 4-byte aligned, and it lives as long as `self`;
+        // the probes only load the counts, so sharing them as `AtomicU32` is sound.
+        unsafe {
+            self.0
+                .base
+                .cast::<std::sync::atomic::AtomicU32>()
+                .add(i)
+                .as_ref()
+        }
+    }
+
+    /// Counts `cgroup_id` in (before its `jobs` insert).
+    pub(crate) fn add(&self, cgroup_id: u64) {
+        self.count(cgroup_id)
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Counts `cgroup_id` out (after its `jobs` delete, or a failed insert).
+    pub(crate) fn remove(&self, cgroup_id: u64) {
+        self.count(cgroup_id)
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// `cgroup_id`'s slot's count.
+    #[cfg(test)]
+    pub(crate) fn get(&self, cgroup_id: u64) -> u32 {
+        self.count(cgroup_id)
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -548,6 +625,30 @@ mod tests {
         let job = slots.take(slot);
         assert_eq!((job.off_cpu.buckets[3], job.off_cpu.buckets[50]), (2, 1));
         assert!(all_zero(&slots, slot), "take clears unflagged buckets too");
+    }
+
+    #[test]
+    fn the_filter_hash_is_the_probes_and_spreads_consecutive_ids() {
+        // Values of joblet_filter_slot() in ebpf/joblet.h, worked out by hand:
+        // (key * 0x9E3779B97F4A7C15 mod 2^64) >> 52.
+        assert_eq!(filter_slot(0), 0);
+        assert_eq!(filter_slot(1), 0x9E3);
+        assert_eq!(filter_slot(2), (0x3C6E_F372_FE94_F82Au64 >> 52) as usize);
+        let slots: std::collections::BTreeSet<_> = (5000..5064).map(filter_slot).collect();
+        assert_eq!(slots.len(), 64, "consecutive cgroup ids share no slot");
+    }
+
+    #[test]
+    fn cgroup_filter_counts_go_up_and_down() {
+        let fd = rustix::fs::memfd_create("cgroup-filter-test", rustix::fs::MemfdFlags::CLOEXEC)
+            .expect("memfd_create");
+        rustix::fs::ftruncate(&fd, rustix::param::page_size() as u64 * 4).expect("ftruncate");
+        let f = CgroupFilter::map(std::os::fd::AsFd::as_fd(&fd)).expect("map");
+        f.add(42);
+        f.add(42);
+        assert_eq!(f.get(42), 2);
+        f.remove(42);
+        assert_eq!((f.get(42), f.get(43)), (1, 0));
     }
 
     #[test]

@@ -37,8 +37,8 @@ pub use report::{CommandLatency, LatencyReport};
 
 use crate::sys::bpf::{
     BioJob, COUNTER_BIO_MAP_FULL, COUNTER_JOB_MAP_FULL, COUNTER_RINGBUF_DROPS,
-    COUNTER_TASK_MAP_FULL, EVENT_EXEC, EVENT_EXIT, EVENT_FLAG_HAVE_DELTA, Event, JOB_BLOCK_IO,
-    JOB_SLOTS, Job, JobSlots,
+    COUNTER_TASK_MAP_FULL, CgroupFilter, EVENT_EXEC, EVENT_EXIT, EVENT_FLAG_HAVE_DELTA, Event,
+    FILTER_BYTES, JOB_BLOCK_IO, JOB_SLOTS, Job, JobSlots,
 };
 use report::Lifecycle;
 
@@ -91,6 +91,18 @@ pub enum TelemetryError {
     /// The object lacks a program or map the loader expects (object and loader out of sync).
     #[error("failed to find {0} in the eBPF probe object")]
     Missing(&'static str),
+    /// A shared array map differs from what the loader maps (object and loader out of sync).
+    #[error(
+        "eBPF map {map} is not the mmapable array of {entries} values of {value_size} bytes the loader expects"
+    )]
+    Layout {
+        /// The map.
+        map: &'static str,
+        /// The value size expected.
+        value_size: usize,
+        /// The entries expected.
+        entries: u32,
+    },
     /// The verifier rejected a program.
     #[error("failed to load eBPF program {program}")]
     LoadProgram {
@@ -149,9 +161,9 @@ pub enum TelemetryError {
         /// The job's cgroup v2 id.
         cgroup_id: u64,
     },
-    /// The job slots could not be mapped into memory.
-    #[error("failed to map eBPF map job_slots into memory")]
-    MapSlots(#[source] io::Error),
+    /// An array map the loader shares with the probes could not be mapped into memory.
+    #[error("failed to map eBPF map {0} into memory")]
+    MapMemory(&'static str, #[source] io::Error),
     /// A map entry could not be read or deleted.
     #[error("failed to read the figures of job cgroup {cgroup_id}")]
     Read {
@@ -335,6 +347,8 @@ pub struct Telemetry {
     bindings: Mutex<Bindings>,
     /// The `job_slots` array, mapped.
     slots: JobSlots,
+    /// The `cgroup_filter` array, mapped: counts the cgroup ids of `jobs`.
+    filter: CgroupFilter,
     /// Block I/O latency of the jobs that did block I/O (`Job::flags` has `JOB_BLOCK_IO`).
     bio_jobs: Mutex<HashMap<MapData, u64, BioJob>>,
     /// `bio_jobs`'s fd, like `jobs_fd`.
@@ -475,10 +489,19 @@ impl Telemetry {
         })?;
         let slots = match take_map(ebpf, "job_slots")? {
             aya::maps::Map::Array(data) => {
-                check_slots_map(&data)?;
-                JobSlots::map(data.fd().as_fd()).map_err(TelemetryError::MapSlots)?
+                check_mmapable(&data, "job_slots", size_of::<Job>(), JOB_SLOTS)?;
+                JobSlots::map(data.fd().as_fd())
+                    .map_err(|e| TelemetryError::MapMemory("job_slots", e))?
             }
             _ => return Err(TelemetryError::Missing("job_slots (an array map)")),
+        };
+        let filter = match take_map(ebpf, "cgroup_filter")? {
+            aya::maps::Map::Array(data) => {
+                check_mmapable(&data, "cgroup_filter", FILTER_BYTES, 1)?;
+                CgroupFilter::map(data.fd().as_fd())
+                    .map_err(|e| TelemetryError::MapMemory("cgroup_filter", e))?
+            }
+            _ => return Err(TelemetryError::Missing("cgroup_filter (an array map)")),
         };
         let bio_jobs = HashMap::try_from(take_map(ebpf, "bio_jobs")?).map_err(|source| {
             TelemetryError::OpenMap {
@@ -534,6 +557,7 @@ impl Telemetry {
             jobs: Mutex::new(jobs),
             bindings: Mutex::new(Bindings::new()),
             slots,
+            filter,
             bio_jobs: Mutex::new(bio_jobs),
             no_lookup_and_delete: AtomicBool::new(false),
             counters,
@@ -590,7 +614,10 @@ impl Telemetry {
         };
         // Reset before binding: the probes never see the slot's previous figures.
         self.start(&mut bindings, slot, generation);
+        // Counted first: the probes must never see the filter at 0 while the key exists.
+        self.filter.add(cgroup_id);
         if let Err(source) = self.jobs_map().insert(cgroup_id, slot, 0) {
+            self.filter.remove(cgroup_id);
             self.slots.set_generation(slot, 0);
             bindings.clean[slot as usize] = true;
             bindings.free.push(slot);
@@ -628,7 +655,10 @@ impl Telemetry {
             .remove(&old)
             .expect("an idle binding is bound");
         match self.jobs_map().remove(&old) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(b.slot),
+            Ok(()) | Err(MapError::KeyNotFound) => {
+                self.filter.remove(old);
+                Ok(b.slot)
+            }
             Err(source) => {
                 // Still bound in the kernel: keep it as it was.
                 bindings.idle.insert(stamp, old);
@@ -892,21 +922,27 @@ fn lock_events(events: &Mutex<Events>) -> MutexGuard<'_, Events> {
     events.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Checks that `job_slots` is what [`JobSlots::map`] expects, so a probe object out of sync with
-/// the loader fails here instead of mapping the wrong layout.
-fn check_slots_map(data: &MapData) -> Result<(), TelemetryError> {
-    let info = data.info().map_err(|source| TelemetryError::OpenMap {
-        map: "job_slots",
-        source,
-    })?;
-    let flags_ok = info.map_flags() & BPF_F_MMAPABLE != 0;
-    if info.value_size() as usize != size_of::<Job>()
-        || info.max_entries() != JOB_SLOTS
-        || !flags_ok
+/// Checks that the array map `name` is mmapable with `entries` values of `value_size` bytes, as
+/// the loader maps it, so a probe object out of sync with the loader fails here instead of
+/// mapping the wrong layout.
+fn check_mmapable(
+    data: &MapData,
+    name: &'static str,
+    value_size: usize,
+    entries: u32,
+) -> Result<(), TelemetryError> {
+    let info = data
+        .info()
+        .map_err(|source| TelemetryError::OpenMap { map: name, source })?;
+    if info.value_size() as usize != value_size
+        || info.max_entries() != entries
+        || info.map_flags() & BPF_F_MMAPABLE == 0
     {
-        return Err(TelemetryError::Missing(
-            "job_slots as the loader expects it (mmapable, JOB_SLOTS entries of struct joblet_job)",
-        ));
+        return Err(TelemetryError::Layout {
+            map: name,
+            value_size,
+            entries,
+        });
     }
     Ok(())
 }
