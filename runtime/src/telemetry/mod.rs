@@ -211,9 +211,9 @@ pub struct Counters {
     pub ringbuf_drops: u64,
     /// Per-thread or per-process map updates that failed (map full).
     pub task_map_full: u64,
-    /// Spawns that could not be measured (all 1,024 job slots taken by unfinished jobs, or the
-    /// probes found no slot for the cgroup): [`Telemetry::finish`] fails with
-    /// [`TelemetryError::NotWatched`] for them.
+    /// Spawns by this process that the probes found no active slot for: all 1,024 job slots
+    /// taken by unfinished jobs ([`Telemetry::finish`] then fails with
+    /// [`TelemetryError::NotWatched`]), or a job another `Telemetry` of the same process measures.
     pub job_map_full: u64,
     /// Bios of jobs that could not be measured (`bio_jobs` or the in-flight map full).
     pub bio_map_full: u64,
