@@ -66,9 +66,12 @@ enum {
  * Entries carry the cgroup id and job generation they were made for, and a hit is confirmed
  * against the task's current cgroup and its job: an entry of a task that left the job, or of a
  * task that exited after its job was finished (its task_struct since reused), is stale and is
- * dropped or replaced, never counted. Entries are deleted at a job task's exit and last switch;
- * the maps are LRU, so stale entries missed by that are evicted under pressure instead of
- * filling them.
+ * dropped or replaced, never counted. A `tasks` entry is deleted at its task's exit and last
+ * switch, whatever the task's cgroup then (`task_filter` makes that check one load for host
+ * tasks), and at the task's next switch-in or wakeup once it left its job or the job finished:
+ * `tasks` is a plain hash (an LRU insert cost ~0.3 µs more per fork), whose entries are bounded
+ * by the live tasks that have one. `procs` is an LRU: its entries are rarer, and a process's
+ * entry is only deleted at its exit in the job.
  */
 struct task_entry {
 	u64 cgid;
@@ -125,13 +128,13 @@ struct {
 
 /*
  * Counts of `tasks` keys per filter slot: raised before an insert, lowered after a successful
- * delete. An insert that replaced an entry or an entry the LRU evicted leaves a count too high,
- * which only costs a lookup.
+ * delete. An insert that replaced an entry leaves a count too high, which only costs a lookup.
  */
 struct joblet_filter task_filter = {};
 
+/* Preallocated: inserts take an element from a per-CPU free list, with no allocation. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 32768);
 	__type(key, u64); /* the task_struct's address */
 	__type(value, struct task_entry);
@@ -514,6 +517,11 @@ int joblet_sched_switch(struct bpf_raw_tracepoint_args *ctx)
 			__sync_fetch_and_add(&job->involuntary_switches, 1);
 			set_task(te, &key, cgid, job, ST_RUNQ, now);
 		}
+	} else {
+		key = task_key(prev);
+		/* A task with an entry, outside its job now: its last switch drops the entry. */
+		if (*filter_count(&task_filter, key) && BPF_CORE_READ(prev, exit_state))
+			task_delete(&key);
 	}
 
 	key = task_key(next);
@@ -694,11 +702,16 @@ int joblet_sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
 	u32 tgid, flags = 0;
 	bool leader;
 
-	/* p is the current task. Host tasks return here; entries of tasks outliving their job are
-	 * stale by cgroup id and generation. */
+	/*
+	 * p is the current task. Host tasks return here, after dropping the entry of a task that
+	 * left its job or outlived it (one filter load for the others).
+	 */
 	job = job_of_current(&cgid);
-	if (!job)
+	if (!job) {
+		if (*filter_count(&task_filter, key))
+			task_delete(&key);
 		return 0;
+	}
 	now = bpf_ktime_get_ns();
 	tgid = (u32)(bpf_get_current_pid_tgid() >> 32);
 	te = task_entry(&key, cgid, job);

@@ -735,6 +735,53 @@ fn job_slots_are_reused_when_all_are_bound() {
     }
 }
 
+/// Waits (up to a second: a task's last context switch can come just after its reaper woke) for
+/// the probes' per-thread map to be empty.
+fn assert_no_task_entries(t: &Telemetry, after: &str) {
+    let mut left = 0;
+    for _ in 0..100 {
+        left = t.task_entries().expect("count task entries");
+        if left == 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{left} task entries left after {after}");
+}
+
+#[test]
+fn task_entries_are_dropped_when_tasks_exit_or_leave_their_job() {
+    let Some((_serial, _)) = telemetry() else {
+        return;
+    };
+    let state = tempfile::tempdir().expect("state dir");
+    let (rt, t) = traced_runtime(state.path());
+    // Spawned jobs whose processes and threads all exit in the job.
+    for _ in 0..10 {
+        let (_, record, report) = spawn_job(&rt, &["/bin/sh", "-c", "true & true & wait"]);
+        assert_eq!(record.exit_code, Some(0));
+        let r = report.expect("measured");
+        assert_eq!(r.forks, 3, "{r:#?}");
+    }
+    assert_no_task_entries(&t, "10 spawned jobs");
+    // Watched jobs whose shell sleeps in the job (its entry is made) and leaves for the root
+    // cgroup: then sleeps there (its entry goes at its first wakeup outside the job), or exits
+    // at once (at its exit, outside any job).
+    let root = v2_root().expect("checked by the gate").join("cgroup.procs");
+    for (tag, after) in [("leave-sleep", "; sleep 0.05"), ("leave-exit", "")] {
+        let cg = TestCgroup::new(tag);
+        t.watch(cg.id, monotonic_ns()).expect("watch");
+        let script = format!("sleep 0.05; echo $$ > {}{after}", root.display());
+        assert!(cg.spawn(None, &script).wait().expect("wait").success());
+        let r = t.finish(cg.id).expect("finish");
+        assert!(
+            r.voluntary_switches > 0,
+            "{tag}: the shell slept in the job: {r:#?}"
+        );
+        assert_no_task_entries(&t, tag);
+    }
+}
+
 /// A fresh directory on a filesystem backed by a block device (its `st_dev` is one the kernel
 /// lists under /sys/dev/block), writable by every uid, for block I/O the probes can see: tmpfs,
 /// overlayfs and 9p have no bios. The first of `/var/tmp`, the temp dir and `/` that qualifies

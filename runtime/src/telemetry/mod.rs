@@ -849,6 +849,29 @@ impl Telemetry {
             .collect()
     }
 
+    /// Entries in the probes' per-thread map: those of live job tasks, and of tasks the probes
+    /// have not met again since they left their job. For tests (that nothing leaks).
+    #[doc(hidden)]
+    pub fn task_entries(&self) -> Result<usize, TelemetryError> {
+        let probes = self.probes();
+        let map = probes
+            .ebpf
+            .map("tasks")
+            .ok_or(TelemetryError::Missing("tasks"))?;
+        let tasks: HashMap<&MapData, u64, [u64; 4]> =
+            HashMap::try_from(map).map_err(|source| TelemetryError::OpenMap {
+                map: "tasks",
+                source,
+            })?;
+        tasks
+            .keys()
+            .try_fold(0, |n, key| key.map(|_| n + 1))
+            .map_err(|source| TelemetryError::OpenMap {
+                map: "tasks",
+                source,
+            })
+    }
+
     /// Detaches the probes from their tracepoints (`false`), which then cost nothing, or
     /// attaches them again (`true`), keeping the loaded programs and their maps: for benchmarks
     /// comparing telemetry on and off without reloading in between. Jobs spawned or scheduled
