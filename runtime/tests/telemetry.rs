@@ -620,29 +620,44 @@ fn spawned_jobs_are_measured_without_watch_and_apart_in_a_reused_cgroup() {
 }
 
 /// A runtime with its own instance of the probes (the probes adopt tasks that *this* loader
-/// clones into a cgroup), with fresh cgroups: what `joblet run --trace` does.
-fn traced_runtime(state: &std::path::Path) -> (Runtime, Arc<Telemetry>) {
+/// clones into a cgroup), with fresh cgroups: what `joblet run --trace` does. It holds the
+/// telemetry tests' serial lock and its state dir until dropped (fields drop in this order).
+struct Traced {
+    rt: Runtime,
+    t: Arc<Telemetry>,
+    _state: tempfile::TempDir,
+    _serial: MutexGuard<'static, ()>,
+}
+
+/// A [`Traced`] runtime, or `None` where the privileged gate skips the test.
+fn traced() -> Option<Traced> {
+    let (serial, _) = telemetry()?;
+    let state = tempfile::tempdir().expect("state dir");
     let t = Arc::new(Telemetry::load().expect("load an instance of the probes"));
     let mut rt = Runtime::new(&RuntimeConfig {
-        state_dir: state.to_owned(),
+        state_dir: state.path().to_owned(),
         cgroup_pool: 0,
         ..RuntimeConfig::default()
     })
     .expect("create the runtime");
     rt.set_telemetry(Arc::clone(&t));
-    (rt, t)
+    Some(Traced {
+        rt,
+        t,
+        _state: state,
+        _serial: serial,
+    })
 }
 
 #[test]
 fn a_spawned_job_that_sleeps_reports_its_sleep_as_off_cpu() {
     // The same check as for a watched job, through the path every spawned job takes: task
     // entries made by the fork probe, none by a switch-out in the job's own context first.
-    let Some((_serial, _)) = telemetry() else {
+    let Some(traced) = traced() else {
         return;
     };
-    let state = tempfile::tempdir().expect("state dir");
-    let (rt, t) = traced_runtime(state.path());
-    let (cgroup, r) = spawn_traced(&rt, &["/bin/sleep", "0.2"]);
+    let (rt, t) = (&traced.rt, &traced.t);
+    let (cgroup, r) = spawn_traced(rt, &["/bin/sleep", "0.2"]);
     eprintln!("spawned sleep: {r}");
     assert_slept_200ms(&r);
     assert!(r.voluntary_switches >= 1, "{r:#?}");
@@ -658,15 +673,14 @@ fn a_spawned_job_that_sleeps_reports_its_sleep_as_off_cpu() {
 
 #[test]
 fn detached_probes_measure_nothing_until_attached_again() {
-    let Some((_serial, _)) = telemetry() else {
+    let Some(traced) = traced() else {
         return;
     };
-    let state = tempfile::tempdir().expect("state dir");
-    let (rt, t) = traced_runtime(state.path());
+    let (rt, t) = (&traced.rt, &traced.t);
     t.set_attached(false).expect("detach");
     t.set_attached(false).expect("detaching twice is a no-op");
     // No fork probe ran: the job was never measured, and its record says so.
-    let (_, record, report) = spawn_job(&rt, &["/bin/true"]);
+    let (_, record, report) = spawn_job(rt, &["/bin/true"]);
     assert_eq!(record.exit_code, Some(0));
     assert!(
         report.is_none(),
@@ -676,7 +690,7 @@ fn detached_probes_measure_nothing_until_attached_again() {
     assert!(error.contains("never saw its spawn"), "{error}");
     t.set_attached(true).expect("attach again");
     t.set_attached(true).expect("attaching twice is a no-op");
-    let (_, record, report) = spawn_job(&rt, &["/bin/true"]);
+    let (_, record, report) = spawn_job(rt, &["/bin/true"]);
     assert_eq!(record.exit_code, Some(0));
     let r = report.expect("attached probes measure the job");
     assert_eq!((r.forks, r.execs, r.exits), (1, 1, 1), "{r:#?}");
@@ -685,11 +699,10 @@ fn detached_probes_measure_nothing_until_attached_again() {
 
 #[test]
 fn job_slots_are_reused_when_all_are_bound() {
-    let Some((_serial, _)) = telemetry() else {
+    let Some(traced) = traced() else {
         return;
     };
-    let state = tempfile::tempdir().expect("state dir");
-    let (rt, t) = traced_runtime(state.path());
+    let (rt, t) = (&traced.rt, &traced.t);
     const SLOTS: u64 = 1024;
     // Ids of no cgroup: the kernel numbers cgroups upwards from 1.
     let fake = |i: u64| u64::MAX - i;
@@ -709,7 +722,7 @@ fn job_slots_are_reused_when_all_are_bound() {
     let error = t.watch(fake(SLOTS), 0).expect_err("no slot is free");
     assert!(error.to_string().contains("all 1024 job slots"), "{error}");
     let unmeasured = t.counters().expect("counters").job_map_full;
-    let (_, record, report) = spawn_job(&rt, &["/bin/true"]);
+    let (_, record, report) = spawn_job(rt, &["/bin/true"]);
     assert_eq!(record.exit_code, Some(0));
     assert!(report.is_none(), "measured without a slot: {report:#?}");
     let error = record.error.expect("the record names the missing report");
@@ -722,7 +735,7 @@ fn job_slots_are_reused_when_all_are_bound() {
     // One finished job frees a slot: the next spawn takes it and is measured from zero.
     let busy = t.snapshot(fake(7)).expect("a watched job");
     t.finish(fake(7)).expect("finish a watched job");
-    let (_, record, report) = spawn_job(&rt, &["/bin/true"]);
+    let (_, record, report) = spawn_job(rt, &["/bin/true"]);
     assert_eq!(record.exit_code, Some(0));
     let r = report.expect("measured in the freed slot");
     assert_eq!((r.forks, r.execs, r.exits), (1, 1, 1), "{r:#?}");
@@ -751,19 +764,18 @@ fn assert_no_task_entries(t: &Telemetry, after: &str) {
 
 #[test]
 fn task_entries_are_dropped_when_tasks_exit_or_leave_their_job() {
-    let Some((_serial, _)) = telemetry() else {
+    let Some(traced) = traced() else {
         return;
     };
-    let state = tempfile::tempdir().expect("state dir");
-    let (rt, t) = traced_runtime(state.path());
+    let (rt, t) = (&traced.rt, &traced.t);
     // Spawned jobs whose processes and threads all exit in the job.
     for _ in 0..10 {
-        let (_, record, report) = spawn_job(&rt, &["/bin/sh", "-c", "true & true & wait"]);
+        let (_, record, report) = spawn_job(rt, &["/bin/sh", "-c", "true & true & wait"]);
         assert_eq!(record.exit_code, Some(0));
         let r = report.expect("measured");
         assert_eq!(r.forks, 3, "{r:#?}");
     }
-    assert_no_task_entries(&t, "10 spawned jobs");
+    assert_no_task_entries(t, "10 spawned jobs");
     // Watched jobs whose shell sleeps in the job (its entry is made) and leaves for the root
     // cgroup: then sleeps there (its entry goes at its first wakeup outside the job), or exits
     // at once (at its exit, outside any job).
@@ -778,7 +790,7 @@ fn task_entries_are_dropped_when_tasks_exit_or_leave_their_job() {
             r.voluntary_switches > 0,
             "{tag}: the shell slept in the job: {r:#?}"
         );
-        assert_no_task_entries(&t, tag);
+        assert_no_task_entries(t, tag);
     }
 }
 

@@ -295,10 +295,10 @@ impl JobSlots {
             slot < JOB_SLOTS && i < JOB_WORDS,
             "job slot {slot} word {i} out of range"
         );
-        // SAFETY: the mapping holds JOB_SLOTS slots of JOB_WORDS words (its length covers them,
-        // see `map`), so the offset is in bounds; it is page-aligned, so every word is 8-byte
-        // aligned; and it lives as long as `self`. Kernel and probes access the words
-        // atomically or as whole aligned words, so sharing them as `AtomicU64` is sound.
+        // The mapping holds JOB_SLOTS slots of JOB_WORDS words (its length covers them, see
+        // `map`) and is page-aligned, so every word is 8-byte aligned; it lives as long as `self`.
+        // SAFETY: the offset is in bounds and aligned (above); kernel and probes access the
+        // words atomically or as whole aligned words, so sharing them as `AtomicU64` is sound.
         unsafe {
             self.0
                 .base
@@ -445,9 +445,10 @@ impl CgroupFilter {
     fn count(&self, cgroup_id: u64) -> &std::sync::atomic::AtomicU32 {
         let i = filter_slot(cgroup_id);
         assert!(i < FILTER_SLOTS);
-        // SAFETY: the mapping holds FILTER_SLOTS u32 counts (see `map`), `i` is in bounds, the
-        // page-aligned base makes every count 4-byte aligned, and it lives as long as `self`;
-        // the probes only load the counts, so sharing them as `AtomicU32` is sound.
+        // The mapping holds FILTER_SLOTS u32 counts (see `map`) from a page-aligned base, so
+        // every count is 4-byte aligned; it lives as long as `self`.
+        // SAFETY: `i` is in bounds and aligned (above); the probes only load the counts, so
+        // sharing them as `AtomicU32` is sound.
         unsafe {
             self.0
                 .base

@@ -319,13 +319,18 @@ mod tests {
         }
     }
 
+    /// The distribution of `values`, recorded in order.
+    fn distribution_of(values: impl IntoIterator<Item = u64>) -> Distribution {
+        let mut r = Recorder::default();
+        for v in values {
+            r.record(v);
+        }
+        r.distribution()
+    }
+
     #[test]
     fn exact_values_give_exact_totals_and_close_percentiles() {
-        let mut r = Recorder::default();
-        for v in 1..=1000u64 {
-            r.record(v * 1000);
-        }
-        let d = r.distribution();
+        let d = distribution_of((1..=1000u64).map(|v| v * 1000));
         assert_eq!(d.count, 1000);
         assert_eq!(d.total, 1000 * 1001 / 2 * 1000);
         assert_eq!(d.max, 1_000_000);
@@ -378,12 +383,7 @@ mod tests {
 
     #[test]
     fn large_first_values_do_not_saturate_the_recorder() {
-        let mut r = Recorder::default();
-        r.record(15_500_000);
-        for _ in 0..10 {
-            r.record(700_000);
-        }
-        let d = r.distribution();
+        let d = distribution_of(std::iter::once(15_500_000).chain([700_000; 10]));
         assert!(d.p50.abs_diff(700_000) < 1_000, "p50 {}", d.p50);
         assert_eq!(d.max, 15_500_000);
     }
@@ -404,21 +404,13 @@ mod tests {
 
     #[test]
     fn exact_percentiles_are_nearest_rank() {
-        let mut r = Recorder::default();
-        for v in [5, 1, 4, 2, 3] {
-            r.record(v);
-        }
-        let d = r.distribution();
+        let d = distribution_of([5, 1, 4, 2, 3]);
         assert_eq!((d.p50, d.p90, d.p99, d.max), (3, 5, 5, 5));
     }
 
     #[test]
     fn exact_values_are_bucketed_like_the_probes_in_order() {
-        let mut r = Recorder::default();
-        for v in [5_000, 1_000, 1_001, 40, 1_002] {
-            r.record(v);
-        }
-        let d = r.distribution();
+        let d = distribution_of([5_000, 1_000, 1_001, 40, 1_002]);
         let at = |v| {
             let (from, to) = bucket_bounds(bucket_of(v));
             (from, to)

@@ -351,7 +351,7 @@ pub struct Telemetry {
     filter: CgroupFilter,
     /// Block I/O latency of the jobs that did block I/O (`Job::flags` has `JOB_BLOCK_IO`).
     bio_jobs: Mutex<HashMap<MapData, u64, BioJob>>,
-    /// `bio_jobs`'s fd, like `jobs_fd`.
+    /// `bio_jobs`'s fd, for the lookup-and-delete syscall without the lock.
     bio_jobs_fd: OwnedFd,
     /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` failed on a hash map (kernel < 5.14): lookup + delete.
     no_lookup_and_delete: AtomicBool,
