@@ -121,13 +121,16 @@ impl Overflow {
     }
 }
 
-/// The nearest-rank (1-based `rank` of `count`) value of the `q` quantile: `value(rank)`,
-/// except for an empty distribution (0).
-fn ranked(count: u64, q: f64, value: impl Fn(u64) -> u64) -> u64 {
-    if count == 0 {
-        return 0;
-    }
-    value(((q * count as f64).ceil() as u64).clamp(1, count))
+/// p50, p90 and p99 of `count` values: `value(q, rank)` is the value of quantile `q`, whose
+/// nearest rank (1-based) is `rank`, clamped to the exact maximum `max` (a bucket's midpoint can
+/// exceed it); all 0 for an empty distribution.
+fn percentiles(count: u64, max: u64, value: impl Fn(f64, u64) -> u64) -> [u64; 3] {
+    [0.50, 0.90, 0.99].map(|q| {
+        if count == 0 {
+            return 0;
+        }
+        value(q, ((q * count as f64).ceil() as u64).clamp(1, count)).min(max)
+    })
 }
 
 impl Recorder {
@@ -162,13 +165,13 @@ impl Recorder {
         };
         if let Some(o) = &self.overflow {
             let count = o.hdr.len();
-            let q = |q| ranked(count, q, |_| o.hdr.value_at_quantile(q).min(self.max));
+            let [p50, p90, p99] = percentiles(count, self.max, |q, _| o.hdr.value_at_quantile(q));
             return Distribution {
                 total: self.total,
                 count,
-                p50: q(0.50),
-                p90: q(0.90),
-                p99: q(0.99),
+                p50,
+                p90,
+                p99,
                 max: self.max,
                 buckets: o.buckets.iter().map(|(&i, &n)| bucket((i, n))).collect(),
             };
@@ -183,7 +186,7 @@ impl Recorder {
             std::borrow::Cow::Owned(v)
         };
         let count = sorted.len() as u64;
-        let q = |q| ranked(count, q, |rank| sorted[rank as usize - 1]);
+        let [p50, p90, p99] = percentiles(count, self.max, |_, rank| sorted[rank as usize - 1]);
         let mut buckets: Vec<Bucket> = Vec::new();
         for &v in sorted.iter() {
             let idx = bucket_of(v);
@@ -195,9 +198,9 @@ impl Recorder {
         Distribution {
             total: self.total,
             count,
-            p50: q(0.50),
-            p90: q(0.90),
-            p99: q(0.99),
+            p50,
+            p90,
+            p99,
             max: self.max,
             buckets,
         }
@@ -250,13 +253,13 @@ impl Distribution {
             }
             buckets.last().map_or(0, mid)
         };
-        let q = |q| ranked(count, q, |rank| at_rank(rank).min(h.max));
+        let [p50, p90, p99] = percentiles(count, h.max, |_, rank| at_rank(rank));
         Distribution {
             total: h.total,
             count,
-            p50: q(0.50),
-            p90: q(0.90),
-            p99: q(0.99),
+            p50,
+            p90,
+            p99,
             max: h.max,
             buckets,
         }
