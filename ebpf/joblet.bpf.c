@@ -148,10 +148,10 @@ struct {
 } procs SEC(".maps");
 
 /*
- * Block I/O latency per job, apart from `jobs` (whose 2.8 KiB entry is copied at every spawn):
- * made by the bio probe at the job's first bio, flagged in the job entry (JOBLET_JOB_BLOCK_IO)
- * so userspace only looks here for jobs that did block I/O. Preallocated, like `jobs`: the probe
- * inserts without allocating.
+ * Block I/O latency per job, apart from its job slot (2.8 KiB, reset at every spawn): made by
+ * the bio probe at the job's first bio, flagged in the job's slot (JOBLET_JOB_BLOCK_IO) so
+ * userspace only looks here for jobs that did block I/O. Preallocated: the probe inserts
+ * without allocating.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -611,7 +611,7 @@ int joblet_sched_process_fork(struct bpf_raw_tracepoint_args *ctx)
 	pid = BPF_CORE_READ(child, pid);
 	tgid = BPF_CORE_READ(child, tgid);
 	if (pid == tgid && now) {
-		/* The job's first process: its fork and exec times live in the job entry. */
+		/* The job's first process: its fork and exec times live in the job's slot. */
 		job->origin_tgid = tgid;
 		__sync_fetch_and_add(&job->forks, 1);
 	} else if (pid == tgid) {
@@ -677,7 +677,7 @@ int joblet_sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
 	if (!task_entry(&key, cgid, job))
 		set_task(NULL, &key, cgid, job, ST_ONCPU, now);
 
-	/* The command's figures go into its job entry: no ring buffer record on every job's path. */
+	/* The command's figures go into its job's slot: no ring buffer record on every job's path. */
 	if (leader) {
 		if (flags & JOBLET_EVENT_HAVE_DELTA) {
 			job->leader_exec_delta_ns = delta;
@@ -755,7 +755,7 @@ int joblet_sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
 
 /*
  * The job's `bio_jobs` entry exists for its generation: made at its first bio (the flag in the
- * job entry says so after that, without a lookup). False when `bio_jobs` is full.
+ * job's slot says so after that, without a lookup). False when `bio_jobs` is full.
  */
 static __always_inline bool start_bio_job(u64 *cgid, struct joblet_job *job)
 {

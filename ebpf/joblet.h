@@ -13,7 +13,7 @@
  * the two bits after the leading one (values 0..3 have a bucket each). A job's histograms keep
  * bucket_of 16 to 183: values below 32 ns share the first kept bucket, values from 7 * 2^44 ns
  * (about 34 h) the last (the exact max bounds it). 168 buckets where all of u64 takes 252: a job
- * entry is copied at every spawn and every finish.
+ * slot is reset at every spawn and read at every finish.
  */
 #define JOBLET_HIST_FIRST 16
 #define JOBLET_HIST_BUCKETS 168
@@ -116,7 +116,7 @@ enum joblet_job_flags {
 
 /*
  * Value of the `bio_jobs` map, keyed by the job's cgroup v2 id: its block I/O latency, kept apart
- * from `struct joblet_job` (copied at every spawn) and made by the bio probe at the job's first
+ * from `struct joblet_job` (reset at every spawn) and made by the bio probe at the job's first
  * bio, so jobs without block I/O never pay for it.
  */
 struct joblet_bio_job {

@@ -778,7 +778,7 @@ impl Telemetry {
     /// Reads and deletes `cgroup_id`'s entry of a hash map (`fd` is the map's): one syscall, or
     /// a lookup and a delete before 5.14. `None` when there is no such entry. The syscall needs
     /// no lock (the kernel's map is safe to share): threads finishing jobs at the same time do
-    /// not wait for each other's copy of a job entry.
+    /// not wait for each other's copy of an entry.
     fn take<V: aya::Pod>(
         &self,
         map: &Mutex<HashMap<MapData, u64, V>>,
