@@ -8,8 +8,9 @@
  * (task->cgroups->dfl_cgrp->kn->id, read with CO-RE, or bpf_get_current_cgroup_id() when the
  * task is the current one) is a key of `jobs`. Events in the task's own context (switch-out,
  * fork, exec, exit) filter host tasks by that cgroup id; events about another task (switch-in,
- * wakeups) first look the task up in `tasks`, keyed by its task_struct address, which the fork
- * probe and the task's first switch-out fill in, and the cgroup is read only to confirm a hit.
+ * wakeups) first find the task's state by its task_struct address, which the fork probe and the
+ * task's first switch-out fill in (in `tasks`, or for a job's first task in its job slot, named
+ * by the task's `task_filter` word), and the cgroup is read only to confirm a hit.
  * Counting filters in front of `jobs` and `tasks` (`cgroup_filter`, `task_filter`) answer "not
  * a key" for nearly every host task with one array load: no hash lookup, no CO-RE read.
  * A job's figures live in a slot of `job_slots`, an array userspace maps into its memory: it
@@ -63,23 +64,18 @@ enum {
 };
 
 /*
- * Entries carry the cgroup id and job generation they were made for, and a hit is confirmed
- * against the task's current cgroup and its job: an entry of a task that left the job, or of a
- * task that exited after its job was finished (its task_struct since reused), is stale and is
- * dropped or replaced, never counted. A `tasks` entry is deleted at its task's exit and last
- * switch, whatever the task's cgroup then (`task_filter` makes that check one load for host
- * tasks), and at the task's next switch-in or wakeup once it left its job or the job finished:
- * `tasks` is a plain hash (an LRU insert cost ~0.3 µs more per fork), whose entries are bounded
- * by the live tasks that have one. `procs` is an LRU: its entries are rarer, and a process's
- * entry is only deleted at its exit in the job.
+ * A task's state (struct joblet_task) lives in its job's slot for the job's first task (the one
+ * the fork probe started the job with), and in `tasks` for every other task of a job. Entries
+ * carry the cgroup id and job generation they were made for, and a hit is confirmed against the
+ * task's current cgroup and its job: an entry of a task that left the job, or of a task that
+ * exited after its job was finished (its task_struct since reused), is stale and is dropped or
+ * reset, never counted. A task's state is dropped at its exit and last switch, whatever the
+ * task's cgroup then (`task_filter` makes that check one load for host tasks), and at the task's
+ * next switch-in or wakeup once it left its job or the job finished: `tasks` is a plain hash (an
+ * LRU insert cost ~0.3 µs more per fork), whose entries are bounded by the live tasks that have
+ * one. `procs` is an LRU: its entries are rarer, and a process's entry is only deleted at its
+ * exit in the job.
  */
-struct task_entry {
-	u64 cgid;
-	u64 gen; /* the job's generation (joblet_job.gen): another job in the same cgroup differs */
-	u64 ts;
-	u32 state;
-	u32 _pad;
-};
 
 struct proc_entry {
 	u64 cgid;
@@ -127,17 +123,28 @@ struct {
 } cgroup_filter SEC(".maps");
 
 /*
- * Counts of `tasks` keys per filter slot: raised before an insert, lowered after a successful
- * delete. An insert that replaced an entry leaves a count too high, which only costs a lookup.
+ * Per filter slot of a task_struct address: the count of `tasks` keys there (raised before an
+ * insert, lowered after a successful delete; a stale entry is reset in place, not replaced, so
+ * the count is exact), and in the high field (JOBLET_FIRST_SHIFT) the slot of the job whose
+ * first task has that address. Kept by the probes; memory-mapped by userspace only to check
+ * that nothing leaks (Telemetry::first_tasks).
  */
-struct joblet_filter task_filter = {};
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, u32);
+	__type(value, struct joblet_filter);
+} task_filter SEC(".maps");
+
+#define FILTER_COUNT_MASK ((1U << JOBLET_FIRST_SHIFT) - 1)
 
 /* Preallocated: inserts take an element from a per-CPU free list, with no allocation. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 32768);
 	__type(key, u64); /* the task_struct's address */
-	__type(value, struct task_entry);
+	__type(value, struct joblet_task);
 } tasks SEC(".maps");
 
 struct {
@@ -221,28 +228,41 @@ static __always_inline u32 *filter_count(struct joblet_filter *f, u64 key)
 	return &f->counts[joblet_filter_slot(key) & ((1 << JOBLET_FILTER_BITS) - 1)];
 }
 
-/* The job running in cgroup `cgid`: its slot, when the cgroup is bound to one and the slot is active. */
-static __always_inline struct joblet_job *job_of_cgroup(u64 *cgid)
+/*
+ * The job running in cgroup `cgid`: its slot (and the slot's index in `*slot`), when the cgroup
+ * is bound to one and the slot is active.
+ */
+static __always_inline struct joblet_job *job_of_cgroup(u64 *cgid, u32 *slot)
 {
 	struct joblet_filter *f;
 	struct joblet_job *job;
-	u32 zero = 0, *slot;
+	u32 zero = 0, *s;
 
 	f = bpf_map_lookup_elem(&cgroup_filter, &zero);
 	if (!f || !*filter_count(f, *cgid))
 		return NULL;
-	slot = bpf_map_lookup_elem(&jobs, cgid);
-	if (!slot)
+	s = bpf_map_lookup_elem(&jobs, cgid);
+	if (!s)
 		return NULL;
-	job = bpf_map_lookup_elem(&job_slots, slot);
+	*slot = *s;
+	job = bpf_map_lookup_elem(&job_slots, s);
 	return job && job->gen ? job : NULL;
 }
 
+/* The `task_filter` word of task `key` (never NULL in practice: the map has its one element). */
+static __always_inline u32 *task_word(u64 key)
+{
+	u32 zero = 0;
+	struct joblet_filter *f = bpf_map_lookup_elem(&task_filter, &zero);
+
+	return f ? filter_count(f, key) : NULL;
+}
+
 /* Deletes a task's entry, keeping `task_filter` in step. */
-static __always_inline void task_delete(u64 *key)
+static __always_inline void task_delete(u64 *key, u32 *w)
 {
 	if (!bpf_map_delete_elem(&tasks, key))
-		__sync_fetch_and_add(filter_count(&task_filter, *key), -1);
+		__sync_fetch_and_add(w, -1);
 }
 
 /* The key of a task in `tasks`: its task_struct's address. */
@@ -251,43 +271,123 @@ static __always_inline u64 task_key(struct task_struct *t)
 	return (u64)t;
 }
 
-/* The thread's entry if it was made for this job (cgroup and generation). */
-static __always_inline struct task_entry *task_entry(u64 *key, u64 cgid, struct joblet_job *job)
+/*
+ * The job whose first task is `key`, named by the high field of the key's `task_filter` word
+ * `w` (the slot, its first task and its generation still agree), or NULL.
+ */
+static __always_inline struct joblet_job *first_job(u32 w, u64 key)
 {
-	struct task_entry *te = bpf_map_lookup_elem(&tasks, key);
+	struct joblet_job *job;
+	u32 slot = (w >> JOBLET_FIRST_SHIFT) - 1;
 
-	return te && te->cgid == cgid && te->gen == job->gen ? te : NULL;
+	if (!(w >> JOBLET_FIRST_SHIFT))
+		return NULL;
+	job = bpf_map_lookup_elem(&job_slots, &slot);
+	return job && job->first_task == key && job->gen && job->first.gen == job->gen ? job : NULL;
 }
 
 /*
- * The job of task `t`, which is not the current task, with `*te` its entry, for the events that
- * fire in another task's context (switch-in, wakeups). Tasks without an entry are not looked at
- * further: a host task costs a `task_filter` load (a lookup on a filter collision). A job task has one from its fork, or from its first
- * switch-out as a job task (a task moved into the job's cgroup, or running when the job was
- * watched: it is measured from then on). A hit is confirmed by the task's cgroup: an entry of a
- * task that left the job is dropped, one of an earlier job in the same cgroup is replaced
- * (`*te` NULL).
+ * Forgets `job`'s first task (at its exit, or once it left the job): its address no longer
+ * finds the slot. Only the task's own events do this, one at a time, so its mapping is
+ * subtracted once.
  */
-static __always_inline struct joblet_job *job_of_other(struct task_struct *t, u64 *key, u64 *cgid,
-							struct task_entry **te)
+static __always_inline void drop_first(struct joblet_job *job, u32 *w)
+{
+	u32 mapped = job->first.mapped;
+
+	job->first_task = 0;
+	if (mapped && w) {
+		job->first.mapped = 0;
+		__sync_fetch_and_add(w, -(mapped << JOBLET_FIRST_SHIFT));
+	}
+}
+
+/* Drops whatever state task `key` has (its `task_filter` word `w`): at its exit or last switch. */
+static __always_inline void forget_task(u64 *key, u32 *w)
 {
 	struct joblet_job *job;
 
+	if (!w || !*w)
+		return;
+	job = first_job(*w, *key);
+	if (job)
+		drop_first(job, w);
+	if (*w & FILTER_COUNT_MASK)
+		task_delete(key, w);
+}
+
+/*
+ * Makes a `tasks` entry current for the job in cgroup `cgid`: one made for an earlier job
+ * (another cgroup or generation) is reset in place, state unknown, rather than replaced (which
+ * would count its key twice in `task_filter`).
+ */
+static __always_inline void renew(struct joblet_task *te, u64 cgid, struct joblet_job *job)
+{
+	if (te->cgid != cgid || te->gen != job->gen) {
+		te->cgid = cgid;
+		te->gen = job->gen;
+		te->ts = 0;
+		te->state = ST_UNKNOWN;
+	}
+}
+
+/* The thread's entry in `tasks` (`w` its filter word), renewed for this job; NULL when none. */
+static __always_inline struct joblet_task *task_entry(u64 *key, u32 *w, u64 cgid,
+						      struct joblet_job *job)
+{
+	struct joblet_task *te;
+
+	if (!w || !(*w & FILTER_COUNT_MASK))
+		return NULL;
+	te = bpf_map_lookup_elem(&tasks, key);
+	if (te)
+		renew(te, cgid, job);
+	return te;
+}
+
+/*
+ * The job of task `t`, which is not the current task, with `*te` its state, for the events that
+ * fire in another task's context (switch-in, wakeups). Tasks without state are not looked at
+ * further: a host task costs a `task_filter` load (a lookup on a filter collision). A job's
+ * first task is found through the high field of its word; any other job task has an entry in
+ * `tasks` from its fork, or from its first switch-out as a job task (a task moved into the
+ * job's cgroup, or running when the job was watched: it is measured from then on). A hit is
+ * confirmed by the task's cgroup: the state of a task that left the job is dropped, an entry
+ * of an earlier job in the same cgroup is reset.
+ */
+static __always_inline struct joblet_job *job_of_other(struct task_struct *t, u64 *key, u64 *cgid,
+							struct joblet_task **te, u32 **wp)
+{
+	struct joblet_job *job;
+	u32 *w = task_word(*key), word, slot;
+
 	*te = NULL;
-	if (!*filter_count(&task_filter, *key))
+	*wp = w;
+	if (!w || !(word = *w))
+		return NULL;
+	job = first_job(word, *key);
+	if (job) {
+		*cgid = cgroup_of(t);
+		if (job->first.cgid == *cgid) {
+			*te = &job->first;
+			return job;
+		}
+		drop_first(job, w);
+		return NULL;
+	}
+	if (!(word & FILTER_COUNT_MASK))
 		return NULL;
 	*te = bpf_map_lookup_elem(&tasks, key);
 	if (!*te)
 		return NULL;
 	*cgid = cgroup_of(t);
-	job = job_of_cgroup(cgid);
+	job = job_of_cgroup(cgid, &slot);
 	if (!job) {
-		task_delete(key);
+		task_delete(key, w);
 		*te = NULL;
 		return NULL;
 	}
-	if ((*te)->cgid != *cgid || (*te)->gen != job->gen)
-		*te = NULL;
+	renew(*te, *cgid, job);
 	return job;
 }
 
@@ -302,8 +402,36 @@ static __always_inline struct proc_entry *proc_entry(u32 tgid, u64 cgid, struct 
 /* The job of the current task: one helper call (another task's cgroup takes four CO-RE reads). */
 static __always_inline struct joblet_job *job_of_current(u64 *cgid)
 {
+	u32 slot;
+
 	*cgid = bpf_get_current_cgroup_id();
-	return job_of_cgroup(cgid);
+	return job_of_cgroup(cgid, &slot);
+}
+
+/*
+ * The job of the current task `*key`, with `*te` its state (NULL when it has none yet) and `*w`
+ * its `task_filter` word. A job's first task is found from its word, without the `jobs`
+ * lookup; the others through their cgroup.
+ */
+static __always_inline struct joblet_job *job_of_current_task(u64 *key, u64 *cgid,
+							       struct joblet_task **te, u32 **w)
+{
+	struct joblet_job *job;
+
+	*cgid = bpf_get_current_cgroup_id();
+	*w = task_word(*key);
+	*te = NULL;
+	if (*w && (**w >> JOBLET_FIRST_SHIFT)) {
+		job = first_job(**w, *key);
+		if (job && job->first.cgid == *cgid) {
+			*te = &job->first;
+			return job;
+		}
+	}
+	job = job_of_current(cgid);
+	if (job)
+		*te = task_entry(key, *w, *cgid, job);
+	return job;
 }
 
 static __always_inline bool current_is_owner(void)
@@ -326,9 +454,9 @@ static __always_inline bool current_is_owner(void)
  * start, which is also the job's generation. A spawn into a cgroup without an active slot (no
  * mark_spawn, or no free slot) is counted and not measured.
  */
-static __always_inline struct joblet_job *start_job(u64 cgid, u64 now)
+static __always_inline struct joblet_job *start_job(u64 cgid, u64 now, u32 *slot)
 {
-	struct joblet_job *job = job_of_cgroup(&cgid);
+	struct joblet_job *job = job_of_cgroup(&cgid, slot);
 
 	if (!job) {
 		count(JOBLET_COUNTER_JOB_MAP_FULL);
@@ -409,22 +537,47 @@ static __always_inline void hist_add(struct joblet_hist *h, u64 v)
  * thread's transitions are serialised by the scheduler (its wakeup waits for the switch-out to
  * finish, see p->on_cpu in try_to_wake_up), so no reader sees a half-written entry that matters.
  */
-static __always_inline void set_task(struct task_entry *te, u64 *key, u64 cgid,
+static __always_inline void set_task(struct joblet_task *te, u64 *key, u32 *w, u64 cgid,
 				     struct joblet_job *job, u32 state, u64 ts)
 {
-	struct task_entry e = { .cgid = cgid, .gen = job->gen, .ts = ts, .state = state };
+	struct joblet_task e = { .cgid = cgid, .gen = job->gen, .ts = ts, .state = state };
 
 	if (te) {
 		te->ts = ts;
 		te->state = state;
 		return;
 	}
+	if (!w)
+		return;
 	/* Counted first: the filter must never be 0 while the entry exists. */
-	__sync_fetch_and_add(filter_count(&task_filter, *key), 1);
+	__sync_fetch_and_add(w, 1);
 	if (bpf_map_update_elem(&tasks, key, &e, BPF_ANY)) {
-		__sync_fetch_and_add(filter_count(&task_filter, *key), -1);
+		__sync_fetch_and_add(w, -1);
 		count(JOBLET_COUNTER_TASK_MAP_FULL);
 	}
+}
+
+/*
+ * Keeps the state of the job's first task `key` in its slot (`slot`), found from the task's
+ * address through the high field of its `task_filter` word `w`; false when another job's first
+ * task has that field (the task then gets a `tasks` entry like any other).
+ */
+static __always_inline bool adopt_first(struct joblet_job *job, u32 slot, u64 key, u64 cgid,
+					u32 *w)
+{
+	if (!w || (*w >> JOBLET_FIRST_SHIFT) || slot >= JOBLET_JOB_SLOTS)
+		return false;
+	/* A task the owner cloned into the cgroup earlier (see the design's blind spots). */
+	if (job->first.mapped)
+		drop_first(job, task_word(job->first_task));
+	job->first.cgid = cgid;
+	job->first.gen = job->gen;
+	job->first.ts = 0;
+	job->first.state = ST_UNKNOWN;
+	job->first.mapped = slot + 1;
+	job->first_task = key;
+	__sync_fetch_and_add(w, (slot + 1) << JOBLET_FIRST_SHIFT);
+	return true;
 }
 
 /*
@@ -492,40 +645,37 @@ int joblet_sched_switch(struct bpf_raw_tracepoint_args *ctx)
 	struct task_struct *prev = (struct task_struct *)ctx->args[1];
 	struct task_struct *next = (struct task_struct *)ctx->args[2];
 	struct joblet_job *job;
-	struct task_entry *te;
-	u64 cgid, key, now = 0;
+	struct joblet_task *te;
+	u64 cgid, key = task_key(prev), now = 0;
+	u32 *w;
 
-	job = job_of_current(&cgid);
+	job = job_of_current_task(&key, &cgid, &te, &w);
 	if (job) {
 		now = bpf_ktime_get_ns();
-		key = task_key(prev);
-		te = task_entry(&key, cgid, job);
 		if (te && te->state == ST_ONCPU)
 			__sync_fetch_and_add(&job->on_cpu_ns, now - te->ts);
 		if (BPF_CORE_READ(prev, exit_state)) {
 			/*
-			 * The task's last switch. sched_process_exit dropped its entry, but a
+			 * The task's last switch. sched_process_exit dropped its state, but a
 			 * preemption or sleep between that tracepoint and exit_notify() may have
-			 * made a new one: drop it, stale or not, before the task_struct is reused.
+			 * made an entry: drop it, stale or not, before the task_struct is reused.
 			 */
-			task_delete(&key);
+			forget_task(&key, w);
 		} else if (!preempt && task_state(prev) != 0) {
 			/* The kernel's own rule for nvcsw / nivcsw in __schedule(). */
 			__sync_fetch_and_add(&job->voluntary_switches, 1);
-			set_task(te, &key, cgid, job, ST_BLOCKED, now);
+			set_task(te, &key, w, cgid, job, ST_BLOCKED, now);
 		} else {
 			__sync_fetch_and_add(&job->involuntary_switches, 1);
-			set_task(te, &key, cgid, job, ST_RUNQ, now);
+			set_task(te, &key, w, cgid, job, ST_RUNQ, now);
 		}
-	} else {
-		key = task_key(prev);
-		/* A task with an entry, outside its job now: its last switch drops the entry. */
-		if (*filter_count(&task_filter, key) && BPF_CORE_READ(prev, exit_state))
-			task_delete(&key);
+	} else if (w && *w && BPF_CORE_READ(prev, exit_state)) {
+		/* A task with state, outside its job now: its last switch drops it. */
+		forget_task(&key, w);
 	}
 
 	key = task_key(next);
-	job = job_of_other(next, &key, &cgid, &te);
+	job = job_of_other(next, &key, &cgid, &te, &w);
 	if (job) {
 		if (!now)
 			now = bpf_ktime_get_ns();
@@ -536,7 +686,7 @@ int joblet_sched_switch(struct bpf_raw_tracepoint_args *ctx)
 				/* Its wakeup was missed (watch() came in between): charge the gap as off-CPU. */
 				hist_add(&job->off_cpu, now - te->ts);
 		}
-		set_task(te, &key, cgid, job, ST_ONCPU, now);
+		set_task(te, &key, w, cgid, job, ST_ONCPU, now);
 	}
 	return 0;
 }
@@ -544,10 +694,11 @@ int joblet_sched_switch(struct bpf_raw_tracepoint_args *ctx)
 static __always_inline int on_wakeup(struct task_struct *p)
 {
 	struct joblet_job *job;
-	struct task_entry *te;
+	struct joblet_task *te;
 	u64 now, cgid, key = task_key(p);
+	u32 *w;
 
-	job = job_of_other(p, &key, &cgid, &te);
+	job = job_of_other(p, &key, &cgid, &te, &w);
 	if (!job)
 		return 0;
 	now = bpf_ktime_get_ns();
@@ -558,7 +709,7 @@ static __always_inline int on_wakeup(struct task_struct *p)
 		if (te->state == ST_BLOCKED && te->ts)
 			hist_add(&job->off_cpu, now - te->ts);
 	}
-	set_task(te, &key, cgid, job, ST_RUNQ, now);
+	set_task(te, &key, w, cgid, job, ST_RUNQ, now);
 	return 0;
 }
 
@@ -585,7 +736,8 @@ int joblet_sched_wakeup_new(struct bpf_raw_tracepoint_args *ctx)
 /*
  * raw_tracepoint/sched_process_fork: (parent, child), in the parent's context, for every new
  * process and thread. A child cloned by the owner into another cgroup than the owner's starts a
- * job there. Every new task of a job gets its entry in `tasks` here, before its first wakeup.
+ * job there, and keeps its state in the job's slot. Every other new task of a job gets its entry
+ * in `tasks` here, before its first wakeup.
  */
 SEC("raw_tracepoint/sched_process_fork")
 int joblet_sched_process_fork(struct bpf_raw_tracepoint_args *ctx)
@@ -593,23 +745,25 @@ int joblet_sched_process_fork(struct bpf_raw_tracepoint_args *ctx)
 	struct task_struct *child = (struct task_struct *)ctx->args[1];
 	struct joblet_job *job;
 	u64 cgid, now, key = task_key(child);
-	u32 pid, tgid;
+	u32 pid, tgid, slot = 0, *w;
 
 	/* The child's cgroup, not the parent's: with CLONE_INTO_CGROUP they differ. */
 	cgid = cgroup_of(child);
 	now = 0;
 	if (cgid != bpf_get_current_cgroup_id() && current_is_owner()) {
 		now = bpf_ktime_get_ns();
-		job = start_job(cgid, now);
+		job = start_job(cgid, now, &slot);
 	} else {
-		job = job_of_cgroup(&cgid);
+		job = job_of_cgroup(&cgid, &slot);
 	}
 	BENCH_STUB();
 	if (!job)
 		return 0;
-	set_task(NULL, &key, cgid, job, ST_UNKNOWN, 0);
 	pid = BPF_CORE_READ(child, pid);
 	tgid = BPF_CORE_READ(child, tgid);
+	w = task_word(key);
+	if (!(pid == tgid && now && adopt_first(job, slot, key, cgid, w)))
+		set_task(NULL, &key, w, cgid, job, ST_UNKNOWN, 0);
 	if (pid == tgid && now) {
 		/* The job's first process: its fork and exec times live in the job's slot. */
 		job->origin_tgid = tgid;
@@ -638,9 +792,11 @@ int joblet_sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
 	u32 tgid, flags = 0;
 	u64 delta = 0;
 	bool leader = false;
+	struct joblet_task *te;
+	u32 *w;
 
 	/* p is the current task. */
-	job = job_of_current(&cgid);
+	job = job_of_current_task(&key, &cgid, &te, &w);
 	if (!job)
 		return 0;
 	now = bpf_ktime_get_ns();
@@ -674,8 +830,8 @@ int joblet_sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
 			count(JOBLET_COUNTER_TASK_MAP_FULL);
 	}
 	/* The task is running: start its on-CPU interval if it was never switched in as a job task. */
-	if (!task_entry(&key, cgid, job))
-		set_task(NULL, &key, cgid, job, ST_ONCPU, now);
+	if (!te || !te->ts)
+		set_task(te, &key, w, cgid, job, ST_ONCPU, now);
 
 	/* The command's figures go into its job's slot: no ring buffer record on every job's path. */
 	if (leader) {
@@ -696,29 +852,27 @@ int joblet_sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
 	BENCH_STUB();
 	struct task_struct *p = (struct task_struct *)ctx->args[0];
 	struct joblet_job *job;
-	struct task_entry *te;
+	struct joblet_task *te;
 	struct proc_entry *pe;
 	u64 now, cgid, delta = 0, key = task_key(p);
-	u32 tgid, flags = 0;
+	u32 tgid, flags = 0, *w;
 	bool leader;
 
 	/*
-	 * p is the current task. Host tasks return here, after dropping the entry of a task that
+	 * p is the current task. Host tasks return here, after dropping the state of a task that
 	 * left its job or outlived it (one filter load for the others).
 	 */
-	job = job_of_current(&cgid);
+	job = job_of_current_task(&key, &cgid, &te, &w);
 	if (!job) {
-		if (*filter_count(&task_filter, key))
-			task_delete(&key);
+		forget_task(&key, w);
 		return 0;
 	}
 	now = bpf_ktime_get_ns();
 	tgid = (u32)(bpf_get_current_pid_tgid() >> 32);
-	te = task_entry(&key, cgid, job);
-	/* Its last on-CPU stretch: the final switch-out comes after the entry is gone. */
+	/* Its last on-CPU stretch: the final switch-out comes after its state is gone. */
 	if (te && te->state == ST_ONCPU)
 		__sync_fetch_and_add(&job->on_cpu_ns, now - te->ts);
-	task_delete(&key);
+	forget_task(&key, w);
 
 	/* signal->live was decremented before this tracepoint: 0 means the whole process is gone. */
 	if (BPF_CORE_READ(p, signal, live.counter) != 0)

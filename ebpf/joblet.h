@@ -52,11 +52,30 @@ struct joblet_filter {
 	__u32 counts[1 << JOBLET_FILTER_BITS];
 };
 
+/*
+ * `task_filter` words hold two fields. The low JOBLET_FIRST_SHIFT bits count `tasks` keys; the
+ * high bits hold 1 + the index of the job slot whose first task (joblet_job.first_task) has that
+ * filter slot, or 0. Both fields change only by atomic adds of what was added before, so a
+ * race on the high field (two first tasks with one filter slot at once) leaves a value that
+ * names no matching slot, costing a lookup, never the count below.
+ */
+#define JOBLET_FIRST_SHIFT 20
+
 /* Fibonacci hashing of a key to a filter slot (runtime/src/sys/bpf.rs has the same). */
 static inline __u32 joblet_filter_slot(__u64 key)
 {
 	return (__u32)((key * 0x9E3779B97F4A7C15ULL) >> (64 - JOBLET_FILTER_BITS));
 }
+
+/* A task's scheduling state (the values of `tasks`, and a job slot's first task). */
+struct joblet_task {
+	__u64 cgid;
+	__u64 gen; /* the job's generation (joblet_job.gen): another job in the same cgroup differs */
+	__u64 ts;
+	__u32 state;
+	/* joblet_job.first only: 1 + its slot's index, while `task_filter` holds that (else 0). */
+	__u32 mapped;
+};
 
 /*
  * A slot of the `job_slots` array (memory-mapped by userspace), bound to the job's cgroup v2 id
@@ -102,6 +121,14 @@ struct joblet_job {
 	 * userspace has nothing of this job to drain from the ring at `finish`.
 	 */
 	__u64 records;
+	/*
+	 * The task the fork probe started the job with (its task_struct's address; 0 for a watched
+	 * job, once it exited, or when its filter slot was taken), whose scheduling state is kept
+	 * here instead of in `tasks`: no hash insert, delete or lookup for the task of a job that
+	 * forks nothing. The probes find it from its address through `task_filter`'s high field.
+	 */
+	__u64 first_task;
+	struct joblet_task first;
 	struct joblet_hist runq;
 	struct joblet_hist off_cpu;
 };

@@ -52,6 +52,8 @@ fn main() -> Result<()> {
     let mut latencies = Vec::new();
     // Per phase: Runtime::spawn, waiting for the exit, Job::finish.
     let mut phases: [Vec<Duration>; 3] = Default::default();
+    // Sums over the measured jobs: voluntary and involuntary switches, run-queue waits, sleeps.
+    let mut sched = [0u64; 4];
     while Instant::now() < until {
         let started = Instant::now();
         let spec = JobSpec {
@@ -79,6 +81,17 @@ fn main() -> Result<()> {
         if let Some(e) = record.error {
             return Err(format!("finish: {e}").into());
         }
+        if let Some(l) = &record.latency {
+            let counts = [
+                l.voluntary_switches,
+                l.involuntary_switches,
+                l.runq_wait_ns.count,
+                l.off_cpu_ns.count,
+            ];
+            for (sum, n) in sched.iter_mut().zip(counts) {
+                *sum += n;
+            }
+        }
         jobs += 1;
         let done = Instant::now();
         latencies.push(done - started);
@@ -97,6 +110,13 @@ fn main() -> Result<()> {
     );
     let [spawn, wait, finish] = phases.map(|mut p| median(&mut p).as_secs_f64() * 1e6);
     println!("  p50 per phase: spawn {spawn:.1} us, wait {wait:.1} us, finish {finish:.1} us");
+    if sched.iter().any(|&n| n > 0) {
+        let [vol, invol, runq, off] = sched.map(|n| n as f64 / jobs.max(1) as f64);
+        println!(
+            "  job tasks per job: {vol:.2} voluntary + {invol:.2} involuntary switches, \
+             {runq:.2} run-queue waits, {off:.2} sleeps"
+        );
+    }
     drop(rt);
     // Per-program BPF run time, when kernel.bpf_stats_enabled is 1.
     let mut total_ns = 0;

@@ -520,6 +520,15 @@ fn spawn_job(
     rt: &Runtime,
     command: &[&str],
 ) -> (u64, joblet_runtime::job::JobRecord, Option<LatencyReport>) {
+    let job = start_job(rt, command);
+    let cgroup = job.cgroup_id();
+    let status = job.wait().expect("wait for the job");
+    let (record, report) = job.finish_traced(status, StopReason::default());
+    (cgroup, record, report)
+}
+
+/// Starts `command` as a job of `rt`, its output to /dev/null.
+fn start_job(rt: &Runtime, command: &[&str]) -> joblet_runtime::Job {
     let devnull = || -> std::os::fd::OwnedFd {
         std::fs::OpenOptions::new()
             .write(true)
@@ -541,11 +550,7 @@ fn spawn_job(
         stdout: devnull(),
         stderr: devnull(),
     };
-    let job = rt.spawn(&spec, stdio).expect("spawn the job");
-    let cgroup = job.cgroup_id();
-    let status = job.wait().expect("wait for the job");
-    let (record, report) = job.finish_traced(status, StopReason::default());
-    (cgroup, record, report)
+    rt.spawn(&spec, stdio).expect("spawn the job")
 }
 
 /// A runtime with its own instance of the probes (the probes adopt tasks that *this* loader
@@ -695,6 +700,19 @@ fn detached_probes_measure_nothing_until_attached_again() {
     let r = report.expect("attached probes measure the job");
     assert_eq!((r.forks, r.execs, r.exits), (1, 1, 1), "{r:#?}");
     assert!(r.on_cpu_ns > 0, "{r:#?}");
+    // A job that exits while the probes are detached: no exit probe forgets its first task,
+    // `finish` does.
+    let job = start_job(rt, &["/bin/sleep", "0.1"]);
+    wait_blocked(job.pid().as_raw_nonzero().get() as u32);
+    assert_eq!(t.first_tasks(), 1, "the sleeping job's first task");
+    t.set_attached(false).expect("detach");
+    let status = job.wait().expect("wait for the job");
+    t.set_attached(true).expect("attach again");
+    let (record, report) = job.finish_traced(status, StopReason::default());
+    assert_eq!(record.exit_code, Some(0));
+    let r = report.expect("measured until the probes were detached");
+    assert_eq!((r.forks, r.execs, r.exits), (1, 1, 0), "{r:#?}");
+    assert_no_task_entries(t, "a job that exited while the probes were detached");
 }
 
 #[test]
@@ -749,17 +767,67 @@ fn job_slots_are_reused_when_all_are_bound() {
 }
 
 /// Waits (up to a second: a task's last context switch can come just after its reaper woke) for
-/// the probes' per-thread map to be empty.
+/// the probes to hold no task state: no entry in their per-thread map, no first task of a job
+/// findable by address.
 fn assert_no_task_entries(t: &Telemetry, after: &str) {
-    let mut left = 0;
+    let mut left = (0, 0);
     for _ in 0..100 {
-        left = t.task_entries().expect("count task entries");
-        if left == 0 {
+        left = (
+            t.task_entries().expect("count task entries"),
+            t.first_tasks(),
+        );
+        if left == (0, 0) {
             return;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    panic!("{left} task entries left after {after}");
+    panic!(
+        "{} task entries and {} first tasks left after {after}",
+        left.0, left.1
+    );
+}
+
+#[test]
+fn a_jobs_first_task_is_kept_in_its_slot_and_forgotten_at_exit_or_when_it_leaves() {
+    let Some(traced) = traced() else {
+        return;
+    };
+    let (rt, t) = (&traced.rt, &traced.t);
+    let root = v2_root().expect("checked by the gate").join("cgroup.procs");
+    for leave in [false, true] {
+        // A job of one process: its state is in the job's slot, with no per-thread entry.
+        let job = start_job(rt, &["/bin/sleep", "0.2"]);
+        let pid = job.pid().as_raw_nonzero().get() as u32;
+        wait_blocked(pid);
+        assert_eq!(
+            (
+                t.first_tasks(),
+                t.task_entries().expect("count task entries")
+            ),
+            (1, 0),
+            "a sleeping one-process job (leave: {leave})"
+        );
+        if leave {
+            // Moved out of the job while it sleeps: its wakeup, outside the job, drops it.
+            std::fs::write(&root, pid.to_string()).expect("move the job's process out");
+        }
+        let status = job.wait().expect("wait for the job");
+        let (record, report) = job.finish_traced(status, StopReason::default());
+        assert_eq!(record.exit_code, Some(0), "{:?}", record.error);
+        let r = report.expect("measured");
+        assert_eq!((r.forks, r.execs), (1, 1), "{r:#?}");
+        assert!(r.voluntary_switches >= 1, "it slept in the job: {r:#?}");
+        if leave {
+            assert!(
+                r.off_cpu_ns.max < 200_000_000 && r.exits == 0,
+                "the sleep ended outside the job and is not the job's: {r:#?}"
+            );
+        } else {
+            assert_slept_200ms(&r);
+            assert_eq!(r.exits, 1, "{r:#?}");
+        }
+        assert_no_task_entries(t, if leave { "leaving the job" } else { "its exit" });
+    }
 }
 
 #[test]

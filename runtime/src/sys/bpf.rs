@@ -63,8 +63,23 @@ pub(crate) struct Job {
     pub(crate) origin_exec_ns: u64,
     /// Ring buffer records the probes submitted for the job.
     pub(crate) records: u64,
+    /// The job's first task's address (probe-internal).
+    pub(crate) first_task: u64,
+    /// The job's first task's scheduling state (probe-internal).
+    pub(crate) first: Task,
     pub(crate) runq: Hist,
     pub(crate) off_cpu: Hist,
+}
+
+/// `struct joblet_task`: a task's scheduling state (probe-internal; here for the layout).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Task {
+    pub(crate) cgid: u64,
+    pub(crate) generation: u64,
+    pub(crate) ts: u64,
+    pub(crate) state: u32,
+    pub(crate) mapped: u32,
 }
 
 /// `struct joblet_bio_job`: the value of the `bio_jobs` map, keyed by the job's cgroup v2 id,
@@ -124,6 +139,14 @@ impl Job {
         flags: 0,
         origin_exec_ns: 0,
         records: 0,
+        first_task: 0,
+        first: Task {
+            cgid: 0,
+            generation: 0,
+            ts: 0,
+            state: 0,
+            mapped: 0,
+        },
         runq: Hist::ZERO,
         off_cpu: Hist::ZERO,
     };
@@ -188,7 +211,9 @@ impl Event {
 }
 
 const _: () = assert!(size_of::<Hist>() == 32 + 8 * HIST_BUCKETS);
-const _: () = assert!(size_of::<Job>() == 8 * 15 + 8 * 2 + 2 * size_of::<Hist>());
+const _: () = assert!(size_of::<Task>() == 8 * 4);
+const _: () =
+    assert!(size_of::<Job>() == 8 * 15 + 8 * 2 + 8 + size_of::<Task>() + 2 * size_of::<Hist>());
 const _: () = assert!(size_of::<BioJob>() == 8 * 2 + size_of::<Hist>());
 
 // SAFETY: `Hist` is `#[repr(C)]`, made only of `u64`s (no padding, every bit pattern valid).
@@ -271,6 +296,27 @@ impl Mapping {
         let base = std::ptr::NonNull::new(ptr.cast())
             .ok_or_else(|| std::io::Error::other(format!("mmap of {name} returned null")))?;
         Ok(Mapping { base, len })
+    }
+}
+
+impl Mapping {
+    /// The `i`th `u32` of the mapping.
+    fn u32_at(&self, i: usize) -> &std::sync::atomic::AtomicU32 {
+        assert!(
+            i < self.len / 4,
+            "u32 {i} beyond a mapping of {} bytes",
+            self.len
+        );
+        // The base is page-aligned, so every u32 is 4-byte aligned; the mapping lives as long
+        // as `self`.
+        // SAFETY: `i` is in bounds and aligned (above); the probes access the words atomically
+        // or as whole aligned words, so sharing them as `AtomicU32` is sound.
+        unsafe {
+            self.base
+                .cast::<std::sync::atomic::AtomicU32>()
+                .add(i)
+                .as_ref()
+        }
     }
 }
 
@@ -424,9 +470,43 @@ const FILTER_SLOTS: usize = 1 << FILTER_BITS;
 /// Bytes of `struct joblet_filter`.
 pub(crate) const FILTER_BYTES: usize = FILTER_SLOTS * 4;
 
+/// `JOBLET_FIRST_SHIFT`: the low bits of a `task_filter` word count `tasks` keys, the high bits
+/// name a job slot whose first task has that filter slot.
+const FIRST_SHIFT: u32 = 20;
+
 /// `joblet_filter_slot` in `ebpf/joblet.h`: Fibonacci hashing of a key to a filter slot.
 fn filter_slot(key: u64) -> usize {
     (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - FILTER_BITS)) as usize
+}
+
+/// The `task_filter` array map (`BPF_F_MMAPABLE`, one `struct joblet_filter`) mapped into this
+/// process, which only reads it: the probes keep it (see `ebpf/joblet.h`).
+pub(crate) struct TaskFilter(Mapping);
+
+impl TaskFilter {
+    /// Maps the array map `fd`, which must be `task_filter` as the object defines it (the
+    /// caller checks the map's definition).
+    pub(crate) fn map(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<TaskFilter> {
+        Mapping::new(fd, FILTER_BYTES, "task_filter").map(TaskFilter)
+    }
+
+    /// Drops the probes' mapping of a job's first task `key`, `mapped` (its `Task::mapped`):
+    /// for a task that exited while the probes were detached, whose exit probe did not.
+    pub(crate) fn unmap(&self, key: u64, mapped: u32) {
+        self.0
+            .u32_at(filter_slot(key))
+            .fetch_sub(mapped << FIRST_SHIFT, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Filter slots that name a job's first task: one per running job's first task (fewer
+    /// when two first tasks share a filter slot).
+    pub(crate) fn first_tasks(&self) -> usize {
+        (0..FILTER_SLOTS)
+            .filter(|&i| {
+                self.0.u32_at(i).load(std::sync::atomic::Ordering::Relaxed) >> FIRST_SHIFT != 0
+            })
+            .count()
+    }
 }
 
 /// The `cgroup_filter` array map (`BPF_F_MMAPABLE`, one `struct joblet_filter`) mapped into this
@@ -443,19 +523,7 @@ impl CgroupFilter {
     }
 
     fn count(&self, cgroup_id: u64) -> &std::sync::atomic::AtomicU32 {
-        let i = filter_slot(cgroup_id);
-        assert!(i < FILTER_SLOTS);
-        // The mapping holds FILTER_SLOTS u32 counts (see `map`) from a page-aligned base, so
-        // every count is 4-byte aligned; it lives as long as `self`.
-        // SAFETY: `i` is in bounds and aligned (above); the probes only load the counts, so
-        // sharing them as `AtomicU32` is sound.
-        unsafe {
-            self.0
-                .base
-                .cast::<std::sync::atomic::AtomicU32>()
-                .add(i)
-                .as_ref()
-        }
+        self.0.u32_at(filter_slot(cgroup_id))
     }
 
     /// Counts `cgroup_id` in (before its `jobs` insert).
@@ -650,6 +718,31 @@ mod tests {
         assert_eq!(f.get(42), 2);
         f.remove(42);
         assert_eq!((f.get(42), f.get(43)), (1, 0));
+    }
+
+    #[test]
+    fn task_filter_first_tasks_are_counted_and_unmapped_apart_from_the_counts() {
+        let fd = rustix::fs::memfd_create("task-filter-test", rustix::fs::MemfdFlags::CLOEXEC)
+            .expect("memfd_create");
+        rustix::fs::ftruncate(&fd, rustix::param::page_size() as u64 * 4).expect("ftruncate");
+        let f = TaskFilter::map(std::os::fd::AsFd::as_fd(&fd)).expect("map");
+        let word = |key| f.0.u32_at(filter_slot(key));
+        // What the probes do: two `tasks` keys counted in key 7's word, and the first task of
+        // job slot 1023 (mapped = 1024) there too; another first task elsewhere.
+        word(7).fetch_add(2, std::sync::atomic::Ordering::SeqCst);
+        word(7).fetch_add(1024 << FIRST_SHIFT, std::sync::atomic::Ordering::SeqCst);
+        word(8).fetch_add(5 << FIRST_SHIFT, std::sync::atomic::Ordering::SeqCst);
+        assert_ne!(filter_slot(7), filter_slot(8));
+        assert_eq!(f.first_tasks(), 2);
+        f.unmap(7, 1024);
+        assert_eq!(f.first_tasks(), 1);
+        assert_eq!(
+            word(7).load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "counts kept"
+        );
+        f.unmap(8, 5);
+        assert_eq!(f.first_tasks(), 0);
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub use report::{CommandLatency, LatencyReport};
 use crate::sys::bpf::{
     BioJob, COUNTER_BIO_MAP_FULL, COUNTER_JOB_MAP_FULL, COUNTER_RINGBUF_DROPS,
     COUNTER_TASK_MAP_FULL, CgroupFilter, EVENT_EXEC, EVENT_EXIT, EVENT_FLAG_HAVE_DELTA, Event,
-    FILTER_BYTES, JOB_BLOCK_IO, JOB_SLOTS, Job, JobSlots,
+    FILTER_BYTES, JOB_BLOCK_IO, JOB_SLOTS, Job, JobSlots, TaskFilter,
 };
 use report::Lifecycle;
 
@@ -349,6 +349,9 @@ pub struct Telemetry {
     slots: JobSlots,
     /// The `cgroup_filter` array, mapped: counts the cgroup ids of `jobs`.
     filter: CgroupFilter,
+    /// The probes' `task_filter` array, mapped: read by [`Telemetry::first_tasks`], and written
+    /// only to drop a first task the probes missed the exit of.
+    task_filter: TaskFilter,
     /// Block I/O latency of the jobs that did block I/O (`Job::flags` has `JOB_BLOCK_IO`).
     bio_jobs: Mutex<HashMap<MapData, u64, BioJob>>,
     /// `bio_jobs`'s fd, for the lookup-and-delete syscall without the lock.
@@ -503,6 +506,14 @@ impl Telemetry {
             }
             _ => return Err(TelemetryError::Missing("cgroup_filter (an array map)")),
         };
+        let task_filter = match take_map(ebpf, "task_filter")? {
+            aya::maps::Map::Array(data) => {
+                check_mmapable(&data, "task_filter", FILTER_BYTES, 1)?;
+                TaskFilter::map(data.fd().as_fd())
+                    .map_err(|e| TelemetryError::MapMemory("task_filter", e))?
+            }
+            _ => return Err(TelemetryError::Missing("task_filter (an array map)")),
+        };
         let bio_jobs = HashMap::try_from(take_map(ebpf, "bio_jobs")?).map_err(|source| {
             TelemetryError::OpenMap {
                 map: "bio_jobs",
@@ -558,6 +569,7 @@ impl Telemetry {
             bindings: Mutex::new(Bindings::new()),
             slots,
             filter,
+            task_filter,
             bio_jobs: Mutex::new(bio_jobs),
             no_lookup_and_delete: AtomicBool::new(false),
             counters,
@@ -737,6 +749,11 @@ impl Telemetry {
             .ok_or(TelemetryError::NotWatched { cgroup_id })?;
         // The slot stays this job's until `set_idle`: only an idle slot is reset or given away.
         let job = self.slots.take(binding.slot);
+        if binding.spawn_gen.is_some() && job.first.mapped != 0 {
+            // The job's first task is gone (see `finish`) but still findable by address: it
+            // exited while the probes were detached, so its exit probe did not drop it.
+            self.task_filter.unmap(job.first_task, job.first.mapped);
+        }
         let mut bindings = self.bindings();
         // A spawned job's tasks are gone (see `finish`), so nothing wrote the slot after `take`
         // cleared it; a watched job's may still run (`joblet top` finishes jobs it stops
@@ -870,6 +887,13 @@ impl Telemetry {
                 map: "tasks",
                 source,
             })
+    }
+
+    /// Jobs' first tasks the probes keep in their job's slot and find by address: those of
+    /// running spawned jobs. For tests (that nothing leaks).
+    #[doc(hidden)]
+    pub fn first_tasks(&self) -> usize {
+        self.task_filter.first_tasks()
     }
 
     /// Detaches the probes from their tracepoints (`false`), which then cost nothing, or
