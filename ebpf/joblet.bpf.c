@@ -288,8 +288,8 @@ static __always_inline struct joblet_job *first_job(u32 w, u64 key)
 
 /*
  * Forgets `job`'s first task (at its exit, or once it left the job): its address no longer
- * finds the slot. Only the task's own events do this, one at a time, so its mapping is
- * subtracted once.
+ * finds the slot. `first.mapped` is cleared first, so of the task's events, which the
+ * scheduler serialises nearly always, only one subtracts the mapping.
  */
 static __always_inline void drop_first(struct joblet_job *job, u32 *w)
 {
@@ -411,7 +411,10 @@ static __always_inline struct joblet_job *job_of_current(u64 *cgid)
 /*
  * The job of the current task `*key`, with `*te` its state (NULL when it has none yet) and `*w`
  * its `task_filter` word. A job's first task is found from its word, without the `jobs`
- * lookup; the others through their cgroup.
+ * lookup; the others through their cgroup. A first task's mapping is dropped by its own events
+ * and by events about it, which may race (a wakeup of the running task on another CPU just as
+ * it left its job): subtracted twice, the field names no slot and stays taken (see
+ * `docs/design/telemetry.md`), never a count.
  */
 static __always_inline struct joblet_job *job_of_current_task(u64 *key, u64 *cgid,
 							       struct joblet_task **te, u32 **w)
@@ -427,6 +430,9 @@ static __always_inline struct joblet_job *job_of_current_task(u64 *key, u64 *cgi
 			*te = &job->first;
 			return job;
 		}
+		/* It left its job: forget it there (below, it may be another job's task now). */
+		if (job)
+			drop_first(job, *w);
 	}
 	job = job_of_current(cgid);
 	if (job)
