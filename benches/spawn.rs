@@ -155,6 +155,23 @@ impl Cell {
     }
 }
 
+/// A distribution-free confidence interval (about 95%) for the median of the sorted values
+/// `sorted`: the order statistics of the sign test, ranks n/2 -/+ 1.96 sqrt(n)/2 (normal
+/// approximation of the binomial). Assumes only that rounds are independent, not how their
+/// noise is distributed (other tenants' load is anything but normal). NaN for fewer than 6
+/// values, where the interval would span every value.
+fn median_ci(sorted: &[f64]) -> (f64, f64) {
+    let n = sorted.len();
+    if n < 6 {
+        return (f64::NAN, f64::NAN);
+    }
+    let half = 1.96 * (n as f64).sqrt() / 2.0;
+    // 1-based ranks j = floor(n/2 - half), k = ceil(n/2 + 1 + half), clamped to the values.
+    let j = ((n as f64 / 2.0 - half).floor() as usize).max(1);
+    let k = ((n as f64 / 2.0 + 1.0 + half).ceil() as usize).min(n);
+    (sorted[j - 1], sorted[k - 1])
+}
+
 /// Telemetry on vs off (the budget: at most 3% throughput loss, 0 lost events).
 fn print_telemetry(
     results: &[(&str, usize, [Cell; MODES])],
@@ -190,8 +207,9 @@ fn print_telemetry(
                 .copied()
                 .unwrap_or(f64::NAN)
         };
+        let (ci_low, ci_high) = median_ci(&ratios);
         println!(
-            "  {label:<14} {n} thread(s): {:>7.0} jobs/s off, {:>7.0} on: {:+.1}%, median of rounds {median:+.1}% (middle half {:+.1}% to {:+.1}%; rounds: {})",
+            "  {label:<14} {n} thread(s): {:>7.0} jobs/s off, {:>7.0} on: {:+.1}%, median of rounds {median:+.1}% (95% CI {ci_low:+.1}% to {ci_high:+.1}%; middle half {:+.1}% to {:+.1}%; rounds: {})",
             off.jobs_per_sec(),
             on.jobs_per_sec(),
             100.0 * (on.jobs_per_sec() - off.jobs_per_sec()) / off.jobs_per_sec(),
