@@ -297,9 +297,7 @@ impl Mapping {
             .ok_or_else(|| std::io::Error::other(format!("mmap of {name} returned null")))?;
         Ok(Mapping { base, len })
     }
-}
 
-impl Mapping {
     /// The `i`th `u32` of the mapping.
     fn u32_at(&self, i: usize) -> &std::sync::atomic::AtomicU32 {
         assert!(
@@ -480,7 +478,8 @@ fn filter_slot(key: u64) -> usize {
 }
 
 /// The `task_filter` array map (`BPF_F_MMAPABLE`, one `struct joblet_filter`) mapped into this
-/// process, which only reads it: the probes keep it (see `ebpf/joblet.h`).
+/// process. The probes keep it (see `ebpf/joblet.h`); this process reads it to check for leaks
+/// and subtracts a first task's mapping only when the probes missed the task's exit.
 pub(crate) struct TaskFilter(Mapping);
 
 impl TaskFilter {
