@@ -482,8 +482,10 @@ fn run_cell(
         Mode::Bare | Mode::NsCgroup => None,
         Mode::Pooled | Mode::PooledTraced => {
             match telemetry {
-                Some(t) => shared.set_telemetry(std::sync::Arc::clone(t)),
-                None => shared.clear_telemetry(),
+                Some(t) if std::env::var_os("JOBLET_BENCH_ATTACH_ONLY").is_none() => {
+                    shared.set_telemetry(std::sync::Arc::clone(t))
+                }
+                _ => shared.clear_telemetry(),
             }
             Some(shared)
         }

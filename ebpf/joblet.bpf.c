@@ -288,8 +288,8 @@ static __always_inline struct joblet_job *first_job(u32 w, u64 key)
 
 /*
  * Forgets `job`'s first task (at its exit, or once it left the job): its address no longer
- * finds the slot. `first.mapped` is cleared first, so of the task's events, which the
- * scheduler serialises nearly always, only one subtracts the mapping.
+ * finds the slot. Called only from the task's own events (and the fork probe re-adopting the
+ * slot), so the mapping is subtracted once.
  */
 static __always_inline void drop_first(struct joblet_job *job, u32 *w)
 {
@@ -352,8 +352,9 @@ static __always_inline struct joblet_task *task_entry(u64 *key, u32 *w, u64 cgid
  * first task is found through the high field of its word; any other job task has an entry in
  * `tasks` from its fork, or from its first switch-out as a job task (a task moved into the
  * job's cgroup, or running when the job was watched: it is measured from then on). A hit is
- * confirmed by the task's cgroup: the state of a task that left the job is dropped, an entry
- * of an earlier job in the same cgroup is reset.
+ * confirmed by the task's cgroup: the event of a task that left the job is not counted (and its
+ * `tasks` entry is dropped; a first task's state is dropped by its own next event), an entry of
+ * an earlier job in the same cgroup is reset.
  */
 static __always_inline struct joblet_job *job_of_other(struct task_struct *t, u64 *key, u64 *cgid,
 							struct joblet_task **te, u32 **wp)
@@ -372,7 +373,11 @@ static __always_inline struct joblet_job *job_of_other(struct task_struct *t, u6
 			*te = &job->first;
 			return job;
 		}
-		drop_first(job, w);
+		/*
+		 * Not in its job now: not counted. Its state is dropped by its own next event (switch-out
+		 * or exit), which reads its cgroup with one helper call, not four pointer reads.
+		 */
+		count(JOBLET_COUNTER_FIRST_TASK_LEFT);
 		return NULL;
 	}
 	if (!(word & FILTER_COUNT_MASK))
@@ -411,10 +416,8 @@ static __always_inline struct joblet_job *job_of_current(u64 *cgid)
 /*
  * The job of the current task `*key`, with `*te` its state (NULL when it has none yet) and `*w`
  * its `task_filter` word. A job's first task is found from its word, without the `jobs`
- * lookup; the others through their cgroup. A first task's mapping is dropped by its own events
- * and by events about it, which may race (a wakeup of the running task on another CPU just as
- * it left its job): subtracted twice, the field names no slot and stays taken (see
- * `docs/design/telemetry.md`), never a count.
+ * lookup; the others through their cgroup. Only these events of the task itself (one CPU at a
+ * time) drop a first task's mapping, so it is never subtracted twice.
  */
 static __always_inline struct joblet_job *job_of_current_task(u64 *key, u64 *cgid,
 							       struct joblet_task **te, u32 **w)
@@ -431,8 +434,10 @@ static __always_inline struct joblet_job *job_of_current_task(u64 *key, u64 *cgi
 			return job;
 		}
 		/* It left its job: forget it there (below, it may be another job's task now). */
-		if (job)
+		if (job) {
+			count(JOBLET_COUNTER_FIRST_TASK_LEFT);
 			drop_first(job, *w);
+		}
 	}
 	job = job_of_current(cgid);
 	if (job)

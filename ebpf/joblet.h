@@ -189,7 +189,13 @@ enum joblet_counter {
 	JOBLET_COUNTER_JOB_MAP_FULL = 2,
 	/* Block I/O a job submitted that could not be measured (`bio_jobs` or `bios` insert failed). */
 	JOBLET_COUNTER_BIO_MAP_FULL = 3,
-	JOBLET_COUNTER_MAX = 4,
+	/*
+	 * A job's first task met outside its job's cgroup: in its own context its state is dropped;
+	 * about it from another context (a cgroup read through four pointers), the event is only
+	 * not counted.
+	 */
+	JOBLET_COUNTER_FIRST_TASK_LEFT = 4,
+	JOBLET_COUNTER_MAX = 5,
 };
 
 #endif

@@ -663,7 +663,7 @@ fn a_spawned_job_that_sleeps_reports_its_sleep_as_off_cpu() {
     };
     let (rt, t) = (&traced.rt, &traced.t);
     let (cgroup, r) = spawn_traced(rt, &["/bin/sleep", "0.2"]);
-    eprintln!("spawned sleep: {r}");
+    eprintln!("spawned sleep: {r}counters: {:?}", t.counters());
     assert_slept_200ms(&r);
     assert!(r.voluntary_switches >= 1, "{r:#?}");
     assert!(r.runq_wait_ns.count >= 1, "its first run waited: {r:#?}");
@@ -808,7 +808,8 @@ fn a_jobs_first_task_is_kept_in_its_slot_and_forgotten_at_exit_or_when_it_leaves
             "a sleeping one-process job (leave: {leave})"
         );
         if leave {
-            // Moved out of the job while it sleeps: its wakeup, outside the job, drops it.
+            // Moved out of the job while it sleeps: its wakeup and switch-in outside the job are
+            // not counted, and its exit, outside the job, drops its state.
             std::fs::write(&root, pid.to_string()).expect("move the job's process out");
         }
         let status = job.wait().expect("wait for the job");
@@ -817,12 +818,15 @@ fn a_jobs_first_task_is_kept_in_its_slot_and_forgotten_at_exit_or_when_it_leaves
         let r = report.expect("measured");
         assert_eq!((r.forks, r.execs), (1, 1), "{r:#?}");
         assert!(r.voluntary_switches >= 1, "it slept in the job: {r:#?}");
+        let left = t.counters().expect("counters").first_task_left;
         if leave {
             assert!(
                 r.off_cpu_ns.max < 200_000_000 && r.exits == 0,
                 "the sleep ended outside the job and is not the job's: {r:#?}"
             );
+            assert!(left > 0, "events outside the job are counted as such");
         } else {
+            assert_eq!(left, 0, "the job's task never left it");
             assert_slept_200ms(&r);
             assert_eq!(r.exits, 1, "{r:#?}");
         }

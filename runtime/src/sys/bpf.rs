@@ -173,6 +173,8 @@ pub(crate) const COUNTER_TASK_MAP_FULL: u32 = 1;
 pub(crate) const COUNTER_JOB_MAP_FULL: u32 = 2;
 /// `JOBLET_COUNTER_BIO_MAP_FULL`.
 pub(crate) const COUNTER_BIO_MAP_FULL: u32 = 3;
+/// `JOBLET_COUNTER_FIRST_TASK_LEFT`.
+pub(crate) const COUNTER_FIRST_TASK_LEFT: u32 = 4;
 
 /// `struct joblet_event`: one ring buffer record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

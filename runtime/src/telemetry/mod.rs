@@ -36,9 +36,9 @@ pub use hist::{Bucket, Distribution};
 pub use report::{CommandLatency, LatencyReport};
 
 use crate::sys::bpf::{
-    BioJob, COUNTER_BIO_MAP_FULL, COUNTER_JOB_MAP_FULL, COUNTER_RINGBUF_DROPS,
-    COUNTER_TASK_MAP_FULL, CgroupFilter, EVENT_EXEC, EVENT_EXIT, EVENT_FLAG_HAVE_DELTA, Event,
-    FILTER_BYTES, JOB_BLOCK_IO, JOB_SLOTS, Job, JobSlots, TaskFilter,
+    BioJob, COUNTER_BIO_MAP_FULL, COUNTER_FIRST_TASK_LEFT, COUNTER_JOB_MAP_FULL,
+    COUNTER_RINGBUF_DROPS, COUNTER_TASK_MAP_FULL, CgroupFilter, EVENT_EXEC, EVENT_EXIT,
+    EVENT_FLAG_HAVE_DELTA, Event, FILTER_BYTES, JOB_BLOCK_IO, JOB_SLOTS, Job, JobSlots, TaskFilter,
 };
 use report::Lifecycle;
 
@@ -217,6 +217,9 @@ pub struct Counters {
     pub job_map_full: u64,
     /// Bios of jobs that could not be measured (`bio_jobs` or the in-flight map full).
     pub bio_map_full: u64,
+    /// Events of a job's first task found outside its job's cgroup (moved out by hand): not
+    /// counted toward the job.
+    pub first_task_left: u64,
     /// Ring buffer records that could not be decoded (probe and loader out of sync).
     pub malformed_events: u64,
     /// Times the reader thread was woken by the probes: with batching, far fewer than events.
@@ -834,6 +837,7 @@ impl Telemetry {
             task_map_full: get(COUNTER_TASK_MAP_FULL, "task_map_full")?,
             job_map_full: get(COUNTER_JOB_MAP_FULL, "job_map_full")?,
             bio_map_full: get(COUNTER_BIO_MAP_FULL, "bio_map_full")?,
+            first_task_left: get(COUNTER_FIRST_TASK_LEFT, "first_task_left")?,
             malformed_events: events.malformed,
             reader_wakeups: events.wakeups,
         })
