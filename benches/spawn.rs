@@ -32,7 +32,9 @@
 //!   `ns`, `pooled`, `fresh`, `notemplate`, `traced` (e.g. `pooled,traced` for telemetry on vs off);
 //! - `JOBLET_BENCH_BPF_STATS=1`: per-program BPF run time of the traced cells;
 //! - `JOBLET_BENCH_PROBES=PATH`: the traced cells load this build of `ebpf/joblet.bpf.c`
-//!   instead of the embedded one (same maps and programs), to compare variants.
+//!   instead of the embedded one (same maps and programs), to compare variants;
+//! - `JOBLET_BENCH_ATTACH_ONLY=1`: the traced cells attach the probes but the runtime does not
+//!   use them (no job is measured), to tell the cost of attaching from the runtime's side.
 //!
 //! Telemetry "off" means no probes attached at all: the probes are loaded once, before the
 //! first cell, and attached only for the traced cells (before their warm-up, detached after
