@@ -493,30 +493,24 @@ impl Telemetry {
                 source,
             }
         })?;
-        let slots = match take_map(ebpf, "job_slots")? {
-            aya::maps::Map::Array(data) => {
-                check_mmapable(&data, "job_slots", size_of::<Job>(), JOB_SLOTS)?;
-                JobSlots::map(data.fd().as_fd())
-                    .map_err(|e| TelemetryError::MapMemory("job_slots", e))?
-            }
-            _ => return Err(TelemetryError::Missing("job_slots (an array map)")),
-        };
-        let filter = match take_map(ebpf, "cgroup_filter")? {
-            aya::maps::Map::Array(data) => {
-                check_mmapable(&data, "cgroup_filter", FILTER_BYTES, 1)?;
-                CgroupFilter::map(data.fd().as_fd())
-                    .map_err(|e| TelemetryError::MapMemory("cgroup_filter", e))?
-            }
-            _ => return Err(TelemetryError::Missing("cgroup_filter (an array map)")),
-        };
-        let task_filter = match take_map(ebpf, "task_filter")? {
-            aya::maps::Map::Array(data) => {
-                check_mmapable(&data, "task_filter", FILTER_BYTES, 1)?;
-                TaskFilter::map(data.fd().as_fd())
-                    .map_err(|e| TelemetryError::MapMemory("task_filter", e))?
-            }
-            _ => return Err(TelemetryError::Missing("task_filter (an array map)")),
-        };
+        let slots = map_array(
+            ebpf,
+            ("job_slots", "job_slots (an array map)"),
+            (size_of::<Job>(), JOB_SLOTS),
+            JobSlots::map,
+        )?;
+        let filter = map_array(
+            ebpf,
+            ("cgroup_filter", "cgroup_filter (an array map)"),
+            (FILTER_BYTES, 1),
+            CgroupFilter::map,
+        )?;
+        let task_filter = map_array(
+            ebpf,
+            ("task_filter", "task_filter (an array map)"),
+            (FILTER_BYTES, 1),
+            TaskFilter::map,
+        )?;
         let bio_jobs = HashMap::try_from(take_map(ebpf, "bio_jobs")?).map_err(|source| {
             TelemetryError::OpenMap {
                 map: "bio_jobs",
@@ -971,6 +965,24 @@ impl Drop for Telemetry {
 
 fn lock_events(events: &Mutex<Events>) -> MutexGuard<'_, Events> {
     events.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Takes the mmapable array map `name` out of the object, checks that it holds `entries` values
+/// of `value_size` bytes ([`check_mmapable`]) and maps it into this process with `map`. `missing`
+/// names it in the error when the object has no such array.
+fn map_array<T>(
+    ebpf: &mut Ebpf,
+    (name, missing): (&'static str, &'static str),
+    (value_size, entries): (usize, u32),
+    map: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<T>,
+) -> Result<T, TelemetryError> {
+    match take_map(ebpf, name)? {
+        aya::maps::Map::Array(data) => {
+            check_mmapable(&data, name, value_size, entries)?;
+            map(data.fd().as_fd()).map_err(|e| TelemetryError::MapMemory(name, e))
+        }
+        _ => Err(TelemetryError::Missing(missing)),
+    }
 }
 
 /// Checks that the array map `name` is mmapable with `entries` values of `value_size` bytes, as
