@@ -126,8 +126,8 @@ struct {
  * Per filter slot of a task_struct address: the count of `tasks` keys there (raised before an
  * insert, lowered after a successful delete; a stale entry is reset in place, not replaced, so
  * the count is exact), and in the high field (JOBLET_FIRST_SHIFT) the slot of the job whose
- * first task has that address. Kept by the probes; memory-mapped by userspace only to check
- * that nothing leaks (Telemetry::first_tasks).
+ * first task has that address. Kept by the probes; memory-mapped by userspace to check that
+ * nothing leaks (Telemetry::first_tasks) and to drop a first task whose exit the probes missed.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
