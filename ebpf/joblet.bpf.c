@@ -139,6 +139,9 @@ struct {
 
 #define FILTER_COUNT_MASK ((1U << JOBLET_FIRST_SHIFT) - 1)
 
+/* errno's EEXIST: a BPF_NOEXIST update of a key that is there. */
+#define EEXIST 17
+
 /* Preallocated: inserts take an element from a per-CPU free list, with no allocation. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -592,6 +595,32 @@ static __always_inline bool adopt_first(struct joblet_job *job, u32 slot, u64 ke
 }
 
 /*
+ * A job task switched out (or exiting) that the probes never saw switched in: its state is still
+ * what its last switch-out or wakeup made it, `gap` ago. The switch-in's tracepoint did not reach
+ * the probes (some hosts do not fire tracepoints while their own agent's threads run, and the
+ * switch away from such a thread goes unseen). What it ran since the fair class picked it comes
+ * from the kernel's own accounting (sum_exec_runtime since set_next_entity, as schedstat counts
+ * it); the rest of the gap was the wait before it (or the sleep and the wait, when its wakeup was
+ * missed too). Other classes do not keep prev_sum_exec_runtime: the clamp then makes the gap
+ * on-CPU time.
+ */
+static __always_inline void recover_switch_in(struct joblet_job *job, struct joblet_task *te,
+					      struct task_struct *t, u64 now)
+{
+	u64 gap = now - te->ts;
+	u64 ran = BPF_CORE_READ(t, se.sum_exec_runtime) - BPF_CORE_READ(t, se.prev_sum_exec_runtime);
+
+	if (ran > gap)
+		ran = gap;
+	count(JOBLET_COUNTER_MISSED_SWITCH_IN);
+	__sync_fetch_and_add(&job->on_cpu_ns, ran);
+	if (te->state == ST_RUNQ)
+		hist_add(&job->runq, gap - ran);
+	else if (te->state == ST_BLOCKED)
+		hist_add(&job->off_cpu, gap - ran);
+}
+
+/*
  * Reserves a ring buffer record, counting a failure against the job. Records are submitted
  * without waking the reader (BPF_RB_NO_WAKEUP) unless it matters: see submit().
  */
@@ -665,6 +694,8 @@ int joblet_sched_switch(struct bpf_raw_tracepoint_args *ctx)
 		now = bpf_ktime_get_ns();
 		if (te && te->state == ST_ONCPU)
 			__sync_fetch_and_add(&job->on_cpu_ns, now - te->ts);
+		else if (te && te->ts)
+			recover_switch_in(job, te, prev, now);
 		if (BPF_CORE_READ(prev, exit_state)) {
 			/*
 			 * The task's last switch. sched_process_exit dropped its state, but a
@@ -883,6 +914,8 @@ int joblet_sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
 	/* Its last on-CPU stretch: the final switch-out comes after its state is gone. */
 	if (te && te->state == ST_ONCPU)
 		__sync_fetch_and_add(&job->on_cpu_ns, now - te->ts);
+	else if (te && te->ts)
+		recover_switch_in(job, te, p, now);
 	forget_task(&key, w);
 
 	/* signal->live was decremented before this tracepoint: 0 means the whole process is gone. */
@@ -962,8 +995,10 @@ static __always_inline bool start_bio_job(u64 *cgid, struct joblet_job *job)
 static __always_inline int on_bio_queue(struct bio *bio)
 {
 	struct task_struct *task;
+	struct joblet_bio_job *bj;
 	struct joblet_job *job;
 	struct bio_entry e = {};
+	long err;
 	u64 cgid, key = (u64)bio;
 
 	job = job_of_current(&cgid);
@@ -978,15 +1013,24 @@ static __always_inline int on_bio_queue(struct bio *bio)
 		return 0;
 	if (!start_bio_job(&cgid, job))
 		return 0;
+	bj = bpf_map_lookup_elem(&bio_jobs, &cgid);
+	if (bj)
+		__sync_fetch_and_add(&bj->queued, 1);
 	e.cgid = cgid;
 	e.gen = job->gen;
 	e.bytes = BPF_CORE_READ(bio, bi_iter.bi_size);
 	e.ts = bpf_ktime_get_ns();
-	/* Counted first: a completion must never see 0 while the entry exists. */
+	/*
+	 * Counted first: a completion must never see 0 while the entry exists. An entry already
+	 * there is a bio at this address whose completion went unseen: it is replaced, and stays
+	 * counted once, so `bios_in_flight` returns to 0 once the job's bios are done.
+	 */
 	__sync_fetch_and_add(&bios_in_flight, 1);
-	if (bpf_map_update_elem(&bios, &key, &e, BPF_ANY)) {
+	err = bpf_map_update_elem(&bios, &key, &e, BPF_NOEXIST);
+	if (err) {
 		__sync_fetch_and_add(&bios_in_flight, -1);
-		count(JOBLET_COUNTER_BIO_MAP_FULL);
+		if (err != -EEXIST || bpf_map_update_elem(&bios, &key, &e, BPF_EXIST))
+			count(JOBLET_COUNTER_BIO_MAP_FULL);
 	}
 	return 0;
 }

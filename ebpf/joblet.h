@@ -149,6 +149,11 @@ enum joblet_job_flags {
 struct joblet_bio_job {
 	__u64 gen;   /* the job's generation (joblet_job.gen) when the entry was made */
 	__u64 bytes; /* sizes (at submission) of the job's bios that completed */
+	/*
+	 * The job's bios the probes saw submitted: those of them whose completion they did not see
+	 * (queued - latency.count once the job is over) are reported as unseen.
+	 */
+	__u64 queued;
 	/* From each bio's submission (block_bio_queue) to its completion. */
 	struct joblet_hist latency;
 };
@@ -195,7 +200,12 @@ enum joblet_counter {
 	 * not counted.
 	 */
 	JOBLET_COUNTER_FIRST_TASK_LEFT = 4,
-	JOBLET_COUNTER_MAX = 5,
+	/*
+	 * A job task switched out (or exiting) that the probes never saw switched in: its switch-in
+	 * tracepoint did not reach them. Its stretch is taken from the kernel's own accounting.
+	 */
+	JOBLET_COUNTER_MISSED_SWITCH_IN = 5,
+	JOBLET_COUNTER_MAX = 6,
 };
 
 #endif

@@ -50,6 +50,13 @@ struct signal_struct {
 
 struct bio_list;
 
+struct sched_entity {
+	/* On-CPU time so far (ns of the run-queue's task clock), as /proc/PID/schedstat shows it. */
+	u64 sum_exec_runtime;
+	/* sum_exec_runtime when the fair class last picked the task to run (set_next_entity). */
+	u64 prev_sum_exec_runtime;
+};
+
 struct task_struct {
 	/* Named __state since 5.14; see task_struct___pre514. */
 	unsigned int __state;
@@ -60,6 +67,7 @@ struct task_struct {
 	struct signal_struct *signal;
 	/* Set while the task runs a block driver's ->submit_bio: bios queued then are its children. */
 	struct bio_list *bio_list;
+	struct sched_entity se;
 };
 
 struct bvec_iter {

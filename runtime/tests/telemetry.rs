@@ -340,6 +340,7 @@ fn run_queue_waits_grow_under_contention_and_match_schedstat() {
         std::thread::sleep(Duration::from_millis(50));
         busy_phase(t, "contended", cpu)
     };
+    eprintln!("counters: {:?}", t.counters());
     eprintln!(
         "alone: runq {:.2} ms (schedstat {:.2}), on-CPU {:.2} ms (schedstat {:.2})",
         ms(alone_runq),
@@ -716,6 +717,56 @@ fn detached_probes_measure_nothing_until_attached_again() {
 }
 
 #[test]
+fn a_switch_in_the_probes_missed_is_taken_from_the_kernels_accounting() {
+    // What a host that skips tracepoints does to the probes (docs/design/telemetry.md, "Blind
+    // spots"), made on purpose: the probes are detached while a job thread wakes and is switched
+    // in, and attached again while it runs. It then switches out in a state other than on-CPU:
+    // the stretch it ran must come from the kernel's accounting, not be lost.
+    let Some(traced) = traced() else {
+        return;
+    };
+    let t = &traced.t;
+    let cg = TestCgroup::new("missed");
+    t.watch(cg.id, monotonic_ns()).expect("watch");
+    let mut job = Checkpointed::start(&cg, 0);
+    let pid = job.child.id();
+    job.expect_line("ready");
+    wait_blocked(pid);
+    let missed = t.counters().expect("counters").missed_switch_ins;
+    let before = t.snapshot(cg.id).expect("snapshot");
+    let (cpu0, _) = schedstat(pid);
+    t.set_attached(false).expect("detach");
+    job.resume();
+    // Attach again once the shell runs its loop (about 100 ms of CPU).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while schedstat(pid).0 < cpu0 + 2_000_000 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    t.set_attached(true).expect("attach again");
+    job.expect_line("done");
+    wait_blocked(pid);
+    let after = t.snapshot(cg.id).expect("snapshot");
+    let (cpu1, _) = schedstat(pid);
+    drop(job.stdin);
+    assert!(job.child.wait().expect("wait").success());
+    let report = t.finish(cg.id).expect("finish");
+    let counters = t.counters().expect("counters");
+    eprintln!("{report}counters: {counters:?}");
+    let (on, kernel) = (after.on_cpu_ns - before.on_cpu_ns, cpu1 - cpu0);
+    eprintln!("on-CPU {:.2} ms, schedstat {:.2} ms", ms(on), ms(kernel));
+    assert!(
+        counters.missed_switch_ins > missed,
+        "the switch-in made while detached was not noticed: {counters:?}"
+    );
+    // Stretches that ended while the probes were detached are lost (a few ms at most); the one
+    // running when they came back is counted whole.
+    assert!(
+        on * 2 >= kernel && on <= kernel + kernel / 20 + 2_000_000,
+        "on-CPU {on} ns, schedstat {kernel} ns: {report:#?}"
+    );
+}
+
+#[test]
 fn job_slots_are_reused_when_all_are_bound() {
     let Some(traced) = traced() else {
         return;
@@ -940,17 +991,28 @@ const BIO_BYTES: u64 = 64 * 1024;
 /// Checks a job's block I/O figures against the `count` 64 KiB direct writes it did in `wall`.
 fn check_direct_writes(r: &LatencyReport, count: u64, wall: Duration) {
     let b = &r.block_io_ns;
+    // Every write is the job's: measured, or submitted and its completion not seen (on hosts
+    // whose tracepoints skip some contexts, see `block_io_unseen`), never simply missing. Plus
+    // at most a few metadata reads the job itself may have needed: host I/O (a concurrent dd of
+    // 16 MiB in the tests, 256 bios) would blow the upper bounds.
+    let submitted = b.count + r.block_io_unseen;
     assert!(
-        b.count >= count,
-        "{} bios measured for {count} direct writes: {r:#?}",
+        (count..=count + 16).contains(&submitted),
+        "{} bios measured and {} unseen for {count} direct writes: {r:#?}",
+        b.count,
+        r.block_io_unseen
+    );
+    assert!(
+        b.count * 4 >= count,
+        "bios measured: {} of {count}: {r:#?}",
         b.count
     );
-    // Its own writes, plus at most a few metadata reads the job itself may have needed: host
-    // I/O (a concurrent dd of 16 MiB in the tests) would blow this bound.
+    let measured_writes = b.count.min(count);
     assert!(
-        (count * BIO_BYTES..=count * BIO_BYTES + (1 << 20)).contains(&r.block_io_bytes),
-        "{} bytes for {count} writes of 64 KiB: {r:#?}",
-        r.block_io_bytes
+        (measured_writes * BIO_BYTES..=count * BIO_BYTES + (1 << 20)).contains(&r.block_io_bytes),
+        "{} bytes for {} measured writes of 64 KiB: {r:#?}",
+        r.block_io_bytes,
+        b.count
     );
     // dd waits for each write before the next: the latencies add up to less than its run time,
     // and no device round trip takes under a microsecond.

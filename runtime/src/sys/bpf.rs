@@ -91,6 +91,8 @@ pub(crate) struct BioJob {
     pub(crate) generation: u64,
     /// Bytes of the completed bios, as submitted.
     pub(crate) bytes: u64,
+    /// Bios of the job the probes saw submitted, completed or not.
+    pub(crate) queued: u64,
     /// Submission to completion of each bio.
     pub(crate) latency: Hist,
 }
@@ -112,6 +114,7 @@ impl BioJob {
     pub(crate) const ZERO: BioJob = BioJob {
         generation: 0,
         bytes: 0,
+        queued: 0,
         latency: Hist::ZERO,
     };
 }
@@ -175,6 +178,8 @@ pub(crate) const COUNTER_JOB_MAP_FULL: u32 = 2;
 pub(crate) const COUNTER_BIO_MAP_FULL: u32 = 3;
 /// `JOBLET_COUNTER_FIRST_TASK_LEFT`.
 pub(crate) const COUNTER_FIRST_TASK_LEFT: u32 = 4;
+/// `JOBLET_COUNTER_MISSED_SWITCH_IN`.
+pub(crate) const COUNTER_MISSED_SWITCH_IN: u32 = 5;
 
 /// `struct joblet_event`: one ring buffer record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -216,7 +221,7 @@ const _: () = assert!(size_of::<Hist>() == 32 + 8 * HIST_BUCKETS);
 const _: () = assert!(size_of::<Task>() == 8 * 4);
 const _: () =
     assert!(size_of::<Job>() == 8 * 15 + 8 * 2 + 8 + size_of::<Task>() + 2 * size_of::<Hist>());
-const _: () = assert!(size_of::<BioJob>() == 8 * 2 + size_of::<Hist>());
+const _: () = assert!(size_of::<BioJob>() == 8 * 3 + size_of::<Hist>());
 
 // SAFETY: `Hist` is `#[repr(C)]`, made only of `u64`s (no padding, every bit pattern valid).
 unsafe impl aya::Pod for Hist {}

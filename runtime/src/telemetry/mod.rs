@@ -37,8 +37,9 @@ pub use report::{CommandLatency, LatencyReport};
 
 use crate::sys::bpf::{
     BioJob, COUNTER_BIO_MAP_FULL, COUNTER_FIRST_TASK_LEFT, COUNTER_JOB_MAP_FULL,
-    COUNTER_RINGBUF_DROPS, COUNTER_TASK_MAP_FULL, CgroupFilter, EVENT_EXEC, EVENT_EXIT,
-    EVENT_FLAG_HAVE_DELTA, Event, FILTER_BYTES, JOB_BLOCK_IO, JOB_SLOTS, Job, JobSlots, TaskFilter,
+    COUNTER_MISSED_SWITCH_IN, COUNTER_RINGBUF_DROPS, COUNTER_TASK_MAP_FULL, CgroupFilter,
+    EVENT_EXEC, EVENT_EXIT, EVENT_FLAG_HAVE_DELTA, Event, FILTER_BYTES, JOB_BLOCK_IO, JOB_SLOTS,
+    Job, JobSlots, TaskFilter,
 };
 use report::Lifecycle;
 
@@ -220,6 +221,11 @@ pub struct Counters {
     /// Events of a job's first task found outside its job's cgroup (moved out by hand): not
     /// counted toward the job.
     pub first_task_left: u64,
+    /// Switch-outs (and exits) of job threads whose switch-in the probes never saw: the
+    /// tracepoint did not reach them. The stretch was taken from the kernel's own accounting
+    /// (run time since the thread was picked), so the job's figures stay whole; a host where this
+    /// grows is skipping tracepoints (see `docs/design/telemetry.md`).
+    pub missed_switch_ins: u64,
     /// Ring buffer records that could not be decoded (probe and loader out of sync).
     pub malformed_events: u64,
     /// Times the reader thread was woken by the probes: with batching, far fewer than events.
@@ -832,6 +838,7 @@ impl Telemetry {
             job_map_full: get(COUNTER_JOB_MAP_FULL, "job_map_full")?,
             bio_map_full: get(COUNTER_BIO_MAP_FULL, "bio_map_full")?,
             first_task_left: get(COUNTER_FIRST_TASK_LEFT, "first_task_left")?,
+            missed_switch_ins: get(COUNTER_MISSED_SWITCH_IN, "missed_switch_ins")?,
             malformed_events: events.malformed,
             reader_wakeups: events.wakeups,
         })

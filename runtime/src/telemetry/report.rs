@@ -28,6 +28,9 @@ pub struct LatencyReport {
     pub block_io_ns: Distribution,
     /// Bytes of the bios in `block_io_ns`.
     pub block_io_bytes: u64,
+    /// Bios the job submitted whose completion the probes did not see (not in `block_io_ns`):
+    /// the completion tracepoint did not reach them, or there was no room to track the bio.
+    pub block_io_unseen: u64,
     /// Time the job's threads spent on a CPU.
     pub on_cpu_ns: u64,
     /// Switches where a thread gave up the CPU to sleep.
@@ -100,6 +103,7 @@ impl LatencyReport {
                 .map(|b| Distribution::from_kernel(&b.latency))
                 .unwrap_or_default(),
             block_io_bytes: bio.map_or(0, |b| b.bytes),
+            block_io_unseen: bio.map_or(0, |b| b.queued.saturating_sub(b.latency.count)),
             on_cpu_ns: job.on_cpu_ns,
             voluntary_switches: job.voluntary_switches,
             involuntary_switches: job.involuntary_switches,
@@ -193,6 +197,13 @@ impl fmt::Display for LatencyReport {
                 "block I/O",
                 &format!("bios ({})", Bytes(self.block_io_bytes)),
                 &self.block_io_ns,
+            )?;
+        }
+        if self.block_io_unseen > 0 {
+            write!(
+                f,
+                "\n  {:<15} {} bios whose completion was not seen",
+                "", self.block_io_unseen
             )?;
         }
         if self.execs > 1 {
@@ -294,6 +305,7 @@ mod tests {
             "off_cpu_ns",
             "block_io_ns",
             "block_io_bytes",
+            "block_io_unseen",
             "on_cpu_ns",
             "voluntary_switches",
             "involuntary_switches",
@@ -335,7 +347,25 @@ mod tests {
             bio.latency.max = bio.latency.max.max(v);
         }
         bio.bytes = 4 * 65536;
+        bio.queued = 4;
         bio
+    }
+
+    #[test]
+    fn bios_submitted_but_never_seen_completing_are_reported_apart() {
+        let mut bio = sample_bio();
+        bio.queued = 6;
+        let r = LatencyReport::build(&sample_job(), Some(&bio), Lifecycle::default());
+        assert_eq!((r.block_io_ns.count, r.block_io_unseen), (4, 2));
+        let text = r.to_string();
+        assert!(
+            text.contains("2 bios whose completion was not seen"),
+            "{text}"
+        );
+        let complete =
+            LatencyReport::build(&sample_job(), Some(&sample_bio()), Lifecycle::default());
+        assert_eq!(complete.block_io_unseen, 0);
+        assert!(!complete.to_string().contains("not seen"));
     }
 
     #[test]
