@@ -232,7 +232,12 @@ struct Checkpointed {
 
 impl Checkpointed {
     fn start(cg: &TestCgroup, cpu: u32) -> Checkpointed {
-        let mut child = cg.spawn(Some(cpu), BUSY_BETWEEN_CHECKPOINTS);
+        Checkpointed::run(cg, cpu, BUSY_BETWEEN_CHECKPOINTS)
+    }
+
+    /// `script`, pinned to `cpu`, in the job's cgroup, talking through its stdin and stdout.
+    fn run(cg: &TestCgroup, cpu: u32, script: &str) -> Checkpointed {
+        let mut child = cg.spawn(Some(cpu), script);
         let stdin = child.stdin.take().expect("stdin");
         let stdout = BufReader::new(child.stdout.take().expect("stdout"));
         Checkpointed {
@@ -737,16 +742,14 @@ fn a_switch_in_the_probes_missed_is_taken_from_the_kernels_accounting() {
     // Each line on stdin starts ~40 ms of CPU work, then "done". At nice -20 the other work on
     // the core (a loaded machine's) seldom preempts it, so it is most likely running when the
     // probes come back.
-    let mut child = cg.spawn(
-        Some(0),
+    let mut job = Checkpointed::run(
+        &cg,
+        0,
         "renice -n -20 -p $$ >/dev/null; echo ready; while read _; do i=0; \
          while [ $i -lt 60000 ]; do i=$((i+1)); done; echo done; done",
     );
-    let mut stdin = child.stdin.take().expect("stdin");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-    let pid = child.id();
-    let mut line = String::new();
-    stdout.read_line(&mut line).expect("ready");
+    let pid = job.child.id();
+    job.expect_line("ready");
     let mut recovered = None;
     for attempt in 1..=20 {
         wait_blocked(pid);
@@ -754,7 +757,7 @@ fn a_switch_in_the_probes_missed_is_taken_from_the_kernels_accounting() {
         let before = t.snapshot(cg.id).expect("snapshot");
         let (cpu0, _) = schedstat(pid);
         t.set_attached(false).expect("detach");
-        stdin.write_all(b"\n").expect("start a busy phase");
+        job.resume();
         // Attach again once the shell runs its loop.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while schedstat(pid).0 < cpu0 + 2_000_000 && std::time::Instant::now() < deadline {
@@ -762,9 +765,7 @@ fn a_switch_in_the_probes_missed_is_taken_from_the_kernels_accounting() {
         }
         t.set_attached(true).expect("attach again");
         let (cpu_attached, _) = schedstat(pid);
-        line.clear();
-        stdout.read_line(&mut line).expect("done");
-        assert_eq!(line.trim(), "done");
+        job.expect_line("done");
         wait_blocked(pid);
         let after = t.snapshot(cg.id).expect("snapshot");
         let (cpu1, _) = schedstat(pid);
@@ -791,8 +792,8 @@ fn a_switch_in_the_probes_missed_is_taken_from_the_kernels_accounting() {
             break;
         }
     }
-    drop(stdin);
-    assert!(child.wait().expect("wait").success());
+    drop(job.stdin);
+    assert!(job.child.wait().expect("wait").success());
     let report = t.finish(cg.id).expect("finish");
     eprintln!("{report}");
     assert!(
